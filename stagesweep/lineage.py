@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stagesweep.safeio import write_json
+
 MANIFEST_NAME = "stagesweep.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
@@ -39,14 +41,11 @@ class LineageNode:
 
 
 def write_manifest(directory: Path | str, data: dict[str, Any]) -> Path:
-    """Write `data` as the dir's manifest atomically, so a kill never leaves half a file."""
+    """Write `data` as the dir's manifest atomically, so a kill never leaves half a file, with
+    secrets (a `hub_token=...` override, a key in the resolved recipe) redacted."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / MANIFEST_NAME
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, target)
-    return target
+    return write_json(directory / MANIFEST_NAME, data, sort_keys=True)
 
 
 def read_manifest(directory: Path | str) -> dict[str, Any] | None:
