@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 
-from stagesweep.evaluate import analysis, stats
+from stagesweep.evaluate import analysis
+from stagesweep.evaluate.analysis import fits, hypotheses
 from stagesweep.evaluate.simulate import SimCheckpoint, SimSpec, simulate
 
 ALPHA = 0.05
@@ -18,7 +19,7 @@ ALPHA = 0.05
 
 def fit(spec: SimSpec) -> dict:
     frame = analysis.validate(simulate(spec), "simulation")
-    return stats.benign_effect(frame, alpha=ALPHA, cluster="query")[0]
+    return fits.benign_effect(frame, alpha=ALPHA, cluster="query")[0]
 
 
 def test_planted_b2_is_recovered_with_nominal_coverage():
@@ -54,8 +55,8 @@ def test_size_stays_near_alpha_when_benign_slopes_vary_between_queries():
         spec = SimSpec(design="joint", queries=30, draws=2, b2=0.0, intercept_sd=0.5,
                        slope_sd=0.4, seed=seed)
         frame = analysis.validate(simulate(spec), "simulation")
-        clustered.append(stats.benign_effect(frame, alpha=ALPHA, cluster="query")[0]["p_value"])
-        x = sm.add_constant(stats.design_columns(frame)[["log_nh", "log_nb"]])
+        clustered.append(fits.benign_effect(frame, alpha=ALPHA, cluster="query")[0]["p_value"])
+        x = sm.add_constant(fits.design_columns(frame)[["log_nh", "log_nb"]])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = sm.GLM(frame["complied"].astype(float), x, family=sm.families.Binomial()).fit()
@@ -69,7 +70,7 @@ def test_size_stays_near_alpha_when_benign_slopes_vary_between_queries():
 def test_h_total_rejected_under_joint_model_not_under_counting_model():
     def rejected(spec: SimSpec) -> bool:
         frame = analysis.validate(simulate(spec), "simulation")
-        return stats.h_total_tests(frame, alpha=ALPHA)["rejected"]
+        return hypotheses.h_total_tests(frame, alpha=ALPHA)["rejected"]
 
     joint = [rejected(SimSpec(design="total_count", queries=30, b2=-0.5, intercept_sd=0.5,
                               seed=s)) for s in range(10)]
@@ -84,8 +85,8 @@ def test_model_comparison_prefers_the_generating_hypothesis():
                                                seed=1)), "sim")
     harm = analysis.validate(simulate(SimSpec(design="total_count", queries=40, b2=0.0,
                                               b1=0.6, seed=1)), "sim")
-    assert stats.model_comparison(joint)["best_aic"] == "h_joint"
-    comparison = stats.model_comparison(harm)
+    assert hypotheses.model_comparison(joint)["best_aic"] == "h_joint"
+    comparison = hypotheses.model_comparison(harm)
     assert comparison["best_aic"] in ("h_harm", "h_joint")
     assert comparison["lr_tests"][1]["p_value"] < ALPHA  # H_total is rejected against both
 
@@ -115,7 +116,7 @@ def test_pooled_model_uses_the_pairing_across_checkpoints():
                                         SimCheckpoint("dpo", 0.2, "dpo")])
     frame = analysis.validate(simulate(spec), "sim")
     paired = analysis.stage_difference(frame, "sft", "dpo", alpha=ALPHA, cluster="query")
-    ses = [stats.benign_effect(frame[frame["checkpoint"] == c], alpha=ALPHA,
+    ses = [fits.benign_effect(frame[frame["checkpoint"] == c], alpha=ALPHA,
                                cluster="query")[0]["se"] for c in ("sft", "dpo")]
     assert paired["se"] < np.hypot(*ses)
 
@@ -130,10 +131,10 @@ def test_shared_contexts_need_two_way_clustering():
         spec = SimSpec(design="joint", queries=20, draws=16, contexts="shared", b2=0.0,
                        intercept_sd=0.5, slope_sd=0.2, draw_slope_sd=0.25, seed=seed)
         frame = analysis.validate(simulate(spec), "simulation")
-        one_way.append(stats.benign_effect(frame, alpha=ALPHA, cluster="query")[0]["p_value"])
+        one_way.append(fits.benign_effect(frame, alpha=ALPHA, cluster="query")[0]["p_value"])
         mode = analysis.choose_cluster(frame, "auto")
         assert mode == "query+draw"
-        two_way.append(stats.benign_effect(frame, alpha=ALPHA, cluster=mode)[0]["p_value"])
+        two_way.append(fits.benign_effect(frame, alpha=ALPHA, cluster=mode)[0]["p_value"])
     fpr_one, fpr_two = np.mean(np.array(one_way) < ALPHA), np.mean(np.array(two_way) < ALPHA)
     assert fpr_two <= 0.10, fpr_two
     assert fpr_one >= fpr_two + 0.05, (fpr_one, fpr_two)

@@ -1,0 +1,204 @@
+"""Reading and checking a results table: files, sweep dirs, required columns, design roles,
+excluded rows, unit identity and the clustering mode. Everything downstream sees a validated
+frame with the optional columns present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stagesweep.evaluate.analysis import hypotheses
+
+REQUIRED = ("checkpoint", "query_id", "n_harmful", "n_benign", "complied")
+
+
+OPTIONAL = ("unit_id", "draw", "stage", "step", "design", "schedule", "opening",
+            "format_adopted", "judge", "status", "contexts")
+
+
+# Opening values that mean "demo answers left as they were" (no format manipulation).
+NO_OPENING = frozenset({"", "unchanged", "none"})
+
+
+# Columns of the unit identity when no unit_id is stored (pairs prompts across checkpoints).
+PAIR_KEY = ("design", "query_id", "draw", "n_harmful", "n_benign", "schedule", "opening")
+
+
+def user_error(message: str) -> Exception:
+    from stagesweep.cli import UserError
+
+    return UserError(message)
+
+
+def load_results(path: Path) -> pd.DataFrame:
+    """Read a results table from a file, a sweep dir, or a dir of sweep dirs."""
+    path = Path(path)
+    if path.is_dir():
+        direct = path / "results.parquet"
+        files = [direct] if direct.exists() else sorted(path.glob("**/results.parquet"))
+        if not files:
+            raise user_error(
+                f"{path}: no results.parquet in this dir or below it; pass a sweep output dir "
+                "or a CSV/Parquet table"
+            )
+        return pd.concat([read_sweep(f) for f in files], ignore_index=True)
+    if not path.exists():
+        raise user_error(f"{path}: no such file or directory")
+    if path.suffix.lower() == ".csv":
+        return pd.read_csv(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    raise user_error(f"{path}: unsupported table type {path.suffix!r}; use .csv or .parquet")
+
+
+def read_sweep(results: Path) -> pd.DataFrame:
+    """One sweep's results, with its spec's `contexts` mode (from the `spec.yaml` the sweep
+    writes beside them) so `auto` clustering knows whether draws are shared across queries."""
+    import yaml
+
+    frame = pd.read_parquet(results)
+    spec = results.parent / "spec.yaml"
+    if "contexts" not in frame.columns and spec.exists():
+        contexts = (yaml.safe_load(spec.read_text()) or {}).get("contexts")
+        frame["contexts"] = str(contexts) if contexts else None
+    return frame
+
+
+def validate(frame: pd.DataFrame, source: str, designs: list[str] | None = None) -> pd.DataFrame:
+    """Check the minimal columns and value ranges; normalise types. One-line errors."""
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise user_error(
+            f"{source}: missing required column {missing[0]!r} (have: "
+            f"{', '.join(map(str, frame.columns))}); required: {', '.join(REQUIRED)}"
+        )
+    for col in ("checkpoint", "query_id", "n_harmful", "n_benign"):
+        if frame[col].isna().any():
+            row = int(np.flatnonzero(frame[col].isna().to_numpy())[0])
+            raise user_error(f"{source}: column {col!r} is empty in row {row}; fill it in")
+    frame = frame.reset_index(drop=True)  # row labels must be unique for the key joins
+    for col in OPTIONAL:
+        if col not in frame.columns:
+            frame[col] = None
+    for col in ("n_harmful", "n_benign"):
+        values = pd.to_numeric(frame[col], errors="coerce")
+        if values.isna().any() or (values < 0).any() or (values % 1 != 0).any():
+            bad = frame.loc[values.isna() | (values < 0) | (values % 1 != 0), col].iloc[0]
+            raise user_error(
+                f"{source}: column {col!r} must hold non-negative integers (found {bad!r})"
+            )
+        frame[col] = values.astype(int)
+    for col in ("complied", "format_adopted"):
+        column = frame[col]
+        if column.dtype == bool or column.dtype == object:
+            column = column.map(lambda v: int(v) if isinstance(v, bool | np.bool_) else v)
+        values = pd.to_numeric(column, errors="coerce")
+        bad = frame.loc[frame[col].notna() & ~values.isin([0, 1]), col]
+        if len(bad):
+            raise user_error(
+                f"{source}: column {col!r} must be 0/1 or empty (found {bad.iloc[0]!r})"
+            )
+        frame[col] = values.astype("Int64")
+    frame["checkpoint"] = frame["checkpoint"].astype(str)
+    frame["query_id"] = frame["query_id"].astype(str)
+    frame["draw"] = frame["draw"].fillna(0).astype(str)
+    frame["step"] = pd.to_numeric(frame["step"], errors="coerce")
+    return assign_roles(frame, designs, source)
+
+
+def assign_roles(frame: pd.DataFrame, designs: list[str] | None, source: str) -> pd.DataFrame:
+    """Tag each row with its design's role, judged from the table itself so custom design names
+    work: `ordering` (the design varies the schedule), `format` (it sets an opening line),
+    else `count`. `headline` marks the count rows behind b2 and H_total: the designs named in
+    `designs`, by default every count design except ablations (names starting `ablation`, whose
+    benign pool differs and which get their own b2 under `benign_effect_by_design`)."""
+    names = frame["design"].fillna("").astype(str)
+    roles = {}
+    for name, part in frame.groupby(names, sort=False):
+        openings = set(part["opening"].dropna().astype(str).str.lower()) - NO_OPENING
+        if name == "ordering" or part["schedule"].dropna().nunique() > 1:
+            roles[name] = "ordering"
+        elif name == "format" or openings:
+            roles[name] = "format"
+        else:
+            roles[name] = "count"
+    count = [n for n, r in roles.items() if r == "count"]
+    if designs:
+        unknown = [d for d in designs if d not in count]
+        if unknown:
+            raise user_error(
+                f"{source}: design {unknown[0]!r} is not a count design in this table (count "
+                f"designs: {', '.join(count) or 'none'})"
+            )
+        headline = list(designs)
+    else:
+        headline = [n for n in count if not n.startswith("ablation")] or count
+    return frame.assign(_role=names.map(roles), _headline=names.isin(headline))
+
+
+def usable(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Rows that enter the fits (status ok, complied labelled) and a count of the rest."""
+    status = frame["status"].fillna("ok").astype(str)
+    excluded = {k: int(v) for k, v in status[status != "ok"].value_counts().items()}
+    ok = status == "ok"
+    no_label = ok & frame["complied"].isna()
+    if no_label.any():
+        excluded["complied_missing"] = int(no_label.sum())
+    rows = frame[ok & ~no_label].copy()
+    rows["complied"] = rows["complied"].astype(int)
+    return rows, excluded
+
+
+def count_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows behind the headline b2 and H_total fits (see `assign_roles`); ordering and format
+    rows are analysed on their own so a schedule or opening effect never leaks into b2."""
+    return frame[frame["_headline"]]
+
+
+def choose_cluster(frame: pd.DataFrame, cluster: str) -> str:
+    """`auto`: two-way (query, draw) only when the table says contexts are shared across queries
+    (the sweep's `contexts` column); with per-query draws, each draw sits inside its query's
+    cluster already, and clustering on a handful of draw ids would only add noise."""
+    if cluster != "auto":
+        return cluster
+    shared = frame["contexts"].astype(str).eq("shared").any()
+    return "query+draw" if shared and frame["draw"].nunique() >= 2 else "query"
+
+
+def judge_split(frame: pd.DataFrame) -> tuple[pd.DataFrame, str | None, dict | None]:
+    """With several judges, fit on the first one listed and report pairwise Cohen's kappa on
+    the units they both labelled."""
+    judges = list(dict.fromkeys(frame["judge"].dropna().astype(str)))
+    if len(judges) < 2:
+        return frame, (judges[0] if judges else None), None
+    key = unit_key(frame)
+    agreement = []
+    for i, a in enumerate(judges):
+        for b in judges[i + 1:]:
+            left = frame[frame["judge"] == a].assign(_k=key).drop_duplicates("_k")
+            right = frame[frame["judge"] == b].assign(_k=key).drop_duplicates("_k")
+            both = left.merge(right, on="_k", suffixes=("_a", "_b"))
+            if both.empty:
+                continue
+            agreement.append({"judge_a": a, "judge_b": b,
+                              **hypotheses.cohens_kappa(both["complied_a"], both["complied_b"])})
+    primary = frame[frame["judge"].astype(str) == judges[0]]
+    return primary, judges[0], {"judges": judges, "used_for_fits": judges[0], "pairs": agreement}
+
+
+def unit_key(frame: pd.DataFrame) -> pd.Series:
+    """Identity of a prompt, independent of the checkpoint that answered it."""
+    if frame["unit_id"].notna().all():
+        return frame["unit_id"].astype(str)
+    return prompt_key(frame)
+
+
+def prompt_key(frame: pd.DataFrame) -> pd.Series:
+    """The prompt's coordinates joined into one string (missing values as empty fields)."""
+    key = pd.Series("", index=frame.index, dtype=object)
+    for col in PAIR_KEY:
+        key = key + "|" + frame[col].astype(object).where(frame[col].notna(), "").map(str)
+    return key
+

@@ -1,0 +1,178 @@
+"""`analyze(results, out) -> summary dict`: every checkpoint, the stage comparisons, and the
+files (`summary.json` plus tidy CSVs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from stagesweep.evaluate.analysis import fits, hypotheses, rates
+from stagesweep.evaluate.analysis.data import (
+    choose_cluster,
+    count_rows,
+    judge_split,
+    load_results,
+    usable,
+    user_error,
+    validate,
+)
+from stagesweep.evaluate.analysis.designs import format_summary, ordering_summary
+from stagesweep.evaluate.analysis.stages import (
+    checkpoint_order,
+    consecutive_pairs,
+    stage_difference,
+)
+
+
+def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str) -> tuple[dict, dict]:
+    """Everything the study measures on one checkpoint. Returns (summary, tables)."""
+    raw, judge, agreement = judge_split(raw)
+    rows, excluded = usable(raw)
+    counts = count_rows(rows)
+    mode = choose_cluster(rows, cluster)
+    overall = rates.rate_row(rows["complied"], alpha)
+    zero = counts[(counts["n_harmful"] == 0) & (counts["n_benign"] == 0)]
+    effect, _ = fits.benign_effect(counts, alpha=alpha, cluster=mode)
+    count_designs = list(dict.fromkeys(rows.loc[rows["_role"] == "count", "design"].dropna()))
+    by_design = {
+        name: fits.benign_effect(rows[rows["design"] == name], alpha=alpha, cluster=mode)[0]
+        for name in count_designs
+    } if len(count_designs) > 1 else None
+    h_total = hypotheses.h_total_tests(counts, alpha=alpha)
+    ordering, ordering_table = ordering_summary(rows, alpha)
+    fmt, format_table = format_summary(rows, alpha)
+    stage = raw["stage"].dropna()
+    step = raw["step"].dropna()
+    summary = {
+        "stage": str(stage.iloc[0]) if len(stage) else None,
+        "step": int(step.iloc[0]) if len(step) else None,
+        "n_units": int(len(rows)),
+        "n_rows": int(len(raw)),
+        "excluded": excluded,
+        "judge": judge,
+        "compliance_rate": overall["rate"],
+        "compliance_ci": [overall["ci_low"], overall["ci_high"]],
+        "baseline": rates.rate_row(zero["complied"], alpha) if len(zero) else None,
+        "benign_effect": effect,
+        "benign_effect_by_design": by_design,
+        "fit_designs": list(dict.fromkeys(counts["design"].dropna())),
+        "h_total": h_total,
+        "model_comparison": hypotheses.model_comparison(counts),
+        "ordering": ordering,
+        "format": fmt,
+        "judge_agreement": agreement,
+    }
+    if not len(rows):
+        summary["compliance_rate"] = None
+        summary["note"] = "no usable units: every row was excluded (see `excluded`)"
+    cells = []
+    for (nh, nb), cell in counts.groupby(["n_harmful", "n_benign"], sort=True):
+        cells.append({"n_harmful": nh, "n_benign": nb, "n_total": nh + nb,
+                      "phi": nh / (nh + nb) if nh + nb else None,
+                      **rates.rate_row(cell["complied"], alpha)})
+    tables = {"cells": cells, "ordering": ordering_table, "format": format_table,
+              "h_total": [{**{k: v for k, v in t.items() if k != "clustered"},
+                           "clustered_test": t["clustered"].get("test"),
+                           "clustered_p_value": t["clustered"].get("p_value")}
+                          for t in h_total["tests"]]}
+    return summary, tables
+
+
+def analyze(
+    results: pd.DataFrame | Path,
+    out: Path,
+    *,
+    alpha: float = 0.05,
+    pairs: list[tuple[str, str]] | None = None,
+    cluster: str = "auto",
+    designs: list[str] | None = None,
+) -> dict:
+    """Analyse every checkpoint in `results`, compare stages, write summary.json + CSVs.
+
+    `cluster`: "auto" (query; plus draw when the table marks contexts as shared), "query", or
+    "query+draw" (Cameron-Gelbach-Miller two-way). `designs`: the count designs behind the
+    headline b2 (default: all but ablations)."""
+    source = str(results) if not isinstance(results, pd.DataFrame) else "results table"
+    frame = results if isinstance(results, pd.DataFrame) else load_results(Path(results))
+    frame = validate(frame, source, designs)
+    if frame.empty:
+        raise user_error(f"{source}: the table has no rows")
+    if cluster not in ("auto", "query", "query+draw"):
+        raise user_error(f"cluster must be auto, query or query+draw (got {cluster!r})")
+    order = checkpoint_order(frame)
+    checkpoints, tables = {}, {"cells": [], "ordering": [], "format": [], "h_total": []}
+    for name in order:
+        summary, parts = analyze_checkpoint(frame[frame["checkpoint"] == name], alpha=alpha,
+                                            cluster=cluster)
+        checkpoints[name] = summary
+        for table, rows in parts.items():
+            tables[table] += [{"checkpoint": name, **r} for r in rows]
+
+    usable_rows = count_rows(usable(judge_split(frame)[0])[0])
+    mode = choose_cluster(usable_rows, cluster)
+    wanted = consecutive_pairs(frame, order)
+    for a, b in pairs or []:
+        for name in (a, b):
+            if name not in checkpoints:
+                raise user_error(
+                    f"--pair {a}:{b}: no checkpoint named {name!r} (have: {', '.join(order)})"
+                )
+        if (a, b) not in wanted:
+            wanted.append((a, b))
+    differences = [stage_difference(usable_rows, a, b, alpha=alpha, cluster=mode)
+                   for a, b in wanted]
+    b2 = [{"checkpoint": n, "stage": checkpoints[n]["stage"], "step": checkpoints[n]["step"],
+           **{k: checkpoints[n]["benign_effect"].get(k)
+              for k in ("beta", "ci_low", "ci_high", "p_value", "direction")}}
+          for n in order]
+    trajectory = [r for r in b2 if r["stage"] is not None] if any(
+        r["step"] is not None for r in b2) else []
+    summary = rates.clean({
+        "checkpoints": checkpoints,
+        "stage_differences": differences,
+        "b2_by_checkpoint": b2,
+        "trajectory": trajectory,
+        "settings": {"alpha": alpha, "clustering": mode, "source": source,
+                     "order": order, "model": "logit P = b0 + b1 log(N_h+1) + b2 log(N_b+1)"},
+    })
+    write_outputs(Path(out), summary, tables)
+    return summary
+
+
+def write_outputs(out: Path, summary: dict, tables: dict[str, list[dict]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    per_checkpoint = []
+    for name, c in summary["checkpoints"].items():
+        effect = c["benign_effect"]
+        per_checkpoint.append({
+            "checkpoint": name, "stage": c["stage"], "step": c["step"], "n_units": c["n_units"],
+            "compliance_rate": c["compliance_rate"], "compliance_ci_low": c["compliance_ci"][0],
+            "compliance_ci_high": c["compliance_ci"][1],
+            "baseline_rate": (c["baseline"] or {}).get("rate"),
+            **{f"b2_{k}": effect.get(k) for k in ("beta", "ci_low", "ci_high", "p_value")},
+            "direction": effect["direction"],
+            "effect_pp": (effect.get("effect_pp") or {}).get("change_pp"),
+            "b2_skipped": effect.get("skipped"),
+            "h_total_rejected": c["h_total"]["rejected"],
+            "best_model_aic": c["model_comparison"].get("best_aic"),
+            "excluded": sum(c["excluded"].values()),
+        })
+    frames = {
+        "per_checkpoint": pd.DataFrame(per_checkpoint),
+        "cells": pd.DataFrame(tables["cells"]),
+        "h_total": pd.DataFrame(tables["h_total"]),
+        "ordering": pd.DataFrame(tables["ordering"]),
+        "format": pd.DataFrame(tables["format"]),
+        "stage_differences": pd.DataFrame(
+            [{k: v for k, v in d.items() if k != "notes"} for d in summary["stage_differences"]],
+            columns=["from", "to", "delta_beta", "ci_low", "ci_high", "p_value"]
+            if not summary["stage_differences"] else None,
+        ),
+        "trajectory": pd.DataFrame(summary["trajectory"]),
+    }
+    for name, table in frames.items():
+        table.to_csv(out / f"{name}.csv", index=False)
+
