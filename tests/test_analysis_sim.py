@@ -128,7 +128,7 @@ def test_shared_contexts_need_two_way_clustering():
     keeps the size near alpha."""
     one_way, two_way = [], []
     for seed in range(100):
-        spec = SimSpec(design="joint", queries=20, draws=16, contexts="shared", b2=0.0,
+        spec = SimSpec(design="joint", queries=20, draws=20, contexts="shared", b2=0.0,
                        intercept_sd=0.5, slope_sd=0.2, draw_slope_sd=0.25, seed=seed)
         frame = analysis.validate(simulate(spec), "simulation")
         one_way.append(fits.benign_effect(frame, alpha=ALPHA, cluster="query")[0]["p_value"])

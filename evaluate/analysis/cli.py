@@ -38,6 +38,11 @@ def register(subparsers) -> None:
         help="count design(s) behind the headline b2 and H_total (repeatable; default: every "
         "count design except those named ablation*, which are fitted separately)",
     )
+    parser.add_argument(
+        "--sesoi-pp", type=float, default=2.0, metavar="PP",
+        help="smallest effect of interest in percentage points: the verdict is `negligible` "
+        "when the effect's interval lies inside +-PP (TOST; default 2)",
+    )
     parser.set_defaults(func=handler)
 
 
@@ -47,8 +52,10 @@ def handler(args) -> int:
 
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1 (got {args.alpha})")
+    if not args.sesoi_pp > 0:
+        raise UserError(f"--sesoi-pp must be a positive number of points (got {args.sesoi_pp})")
     summary = analyze(args.results, args.out, alpha=args.alpha, pairs=args.pair,
-                      cluster=args.cluster, designs=args.designs)
+                      cluster=args.cluster, designs=args.designs, sesoi_pp=args.sesoi_pp)
     print(format_summary(summary))
     print(f"wrote {args.out / 'summary.json'} and tables")
     return 0
@@ -61,7 +68,7 @@ def _num(value, fmt: str = "{:+.3f}") -> str:
 def format_summary(summary: dict) -> str:
     """A terminal table: one line per checkpoint, then the stage differences."""
     lines = [f"{'checkpoint':<24} {'units':>6} {'rate':>6} {'b2':>8} {'95% CI':>19} "
-             f"{'p':>9} {'direction':<13} H_total"]
+             f"{'p':>9} {'direction':<13} {'verdict':<13} H_total"]
     for name, c in summary["checkpoints"].items():
         e = c["benign_effect"]
         ci = f"[{_num(e['ci_low'])}, {_num(e['ci_high'])}]"
@@ -69,7 +76,8 @@ def format_summary(summary: dict) -> str:
         lines.append(
             f"{name:<24} {c['n_units']:>6} {_num(c['compliance_rate'], '{:.1%}'):>6} "
             f"{_num(e['beta']):>8} {ci:>19} {_num(e['p_value'], '{:.2g}'):>9} "
-            f"{e['direction']:<13} {'rejected' if h['rejected'] else 'not rejected'}"
+            f"{e['direction']:<13} {e.get('verdict', '-'):<13} "
+            f"{'rejected' if h['rejected'] else 'not rejected'}"
         )
         if e.get("skipped"):
             lines.append(f"  b2 skipped: {e['skipped']}")

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from stagesweep.evaluate.analysis import verdicts
+
 # Logit-scale magnitude beyond which a coefficient is treated as diverging (separation):
 # exp(15) is an odds ratio of 3 million per unit of log(N + 1), never a real effect.
 DIVERGENT_LOGIT = 15.0
@@ -28,6 +30,8 @@ DIVERGENT_LOGIT = 15.0
 
 # Below this many clusters CR1 intervals are known to undercover; we still fit but say so.
 FEW_CLUSTERS = 20
+# Shared demo contexts: fewer draws than this and the draw-level variance is not estimable.
+MIN_SHARED_DRAWS = 20
 
 
 def cluster_groups(frame: pd.DataFrame, cluster: str) -> np.ndarray:
@@ -92,13 +96,8 @@ def fit_logit(
             "estimate"
         )
     if not np.all(np.isfinite(bse)) or np.any(bse <= 0):
-        if groups.ndim == 2:
-            # CGM's V_q + V_d - V_qd is a difference of matrices and can lose positive
-            # definiteness with few draws; query clustering is then the defensible fallback.
-            fit = fit_logit(y, exog.drop(columns="const"), groups[:, 0], alpha=alpha)
-            fit.notes.insert(0, "two-way (query, draw) variance was not positive (too few "
-                             "draws); fell back to clustering by query")
-            return fit
+        # CGM's V_q + V_d - V_qd is a difference of matrices and can lose positive
+        # definiteness with few draws; no silent fallback to one-way clustering
         raise ValueError(
             "cluster-robust variance is not positive (too few clusters for this covariance)"
         )
@@ -154,42 +153,56 @@ def slope_problem(frame: pd.DataFrame) -> str | None:
     return None
 
 
-def effect_points(fit: LogitFit, frame: pd.DataFrame, alpha: float) -> dict:
-    """The benign effect on the probability scale: predicted rate at N_b = 0 and at the largest
-    N_b, at the median N_h, with a delta-method interval from the same clustered covariance."""
+def average_effect(fit: LogitFit, frame: pd.DataFrame, alpha: float) -> dict:
+    """The benign effect on the probability scale, inside the design: the average over the
+    observed units with benign demos of P(N_h, N_b) - P(N_h, 0), each unit compared with the
+    same harmful demos and none of the benign ones (an average marginal effect over the
+    observed cells, not a prediction at a point the grid never visited). The interval is the
+    delta method on the same clustered covariance; `se_pp` and `df` feed the TOST."""
     from scipy import stats
 
-    nh = float(np.median(frame["n_harmful"]))
-    nb_max = float(frame["n_benign"].max())
+    with_benign = frame[frame["n_benign"] > 0]
+    cells = with_benign.groupby(["n_harmful", "n_benign"]).size()
+    weights = cells.to_numpy(float) / cells.sum()
+    nh = np.log1p(cells.index.get_level_values(0).to_numpy(float))
+    nb = np.log1p(cells.index.get_level_values(1).to_numpy(float))
+    columns = {"const": np.ones_like(nh), "log_nh": nh, "log_nb": nb}
     terms = list(fit.params.index)
-
-    def point(nb: float) -> np.ndarray:
-        x = {"const": 1.0, "log_nh": math.log1p(nh), "log_nb": math.log1p(nb)}
-        return np.array([x[t] for t in terms])
-
-    x0, x1 = point(0.0), point(nb_max)
-    p0 = 1 / (1 + math.exp(-x0 @ fit.params.to_numpy()))
-    p1 = 1 / (1 + math.exp(-x1 @ fit.params.to_numpy()))
-    grad = p1 * (1 - p1) * x1 - p0 * (1 - p0) * x0
+    x1 = np.column_stack([columns[t] for t in terms])
+    x0 = x1.copy()
+    x0[:, terms.index("log_nb")] = 0.0
+    beta = fit.params.to_numpy()
+    p1, p0 = 1 / (1 + np.exp(-x1 @ beta)), 1 / (1 + np.exp(-x0 @ beta))
+    grad = weights @ ((p1 * (1 - p1))[:, None] * x1 - (p0 * (1 - p0))[:, None] * x0)
     se = math.sqrt(max(float(grad @ fit.cov.to_numpy() @ grad), 0.0))
     half = stats.t.ppf(1 - alpha / 2, fit.df_inference) * se
-    diff = 100 * (p1 - p0)
+    diff = 100 * float(weights @ (p1 - p0))
     return {
-        "at_n_harmful": nh,
+        "estimand": "average over observed units with N_b > 0 of P(N_h, N_b) - P(N_h, 0)",
+        "at_n_harmful": "observed",
         "from_n_benign": 0,
-        "to_n_benign": nb_max,
-        "rate_from": p0,
-        "rate_to": p1,
+        "to_n_benign": "observed",
+        "rate_from": float(weights @ p0),
+        "rate_to": float(weights @ p1),
         "change_pp": diff,
         "ci_low_pp": diff - 100 * half,
         "ci_high_pp": diff + 100 * half,
+        "se_pp": 100 * se,
+        "n_cells": int(len(cells)),
     }
 
 
-def direction(beta: float | None, p_value: float | None, alpha: float) -> str:
-    if beta is None or p_value is None or p_value >= alpha:
-        return "none"
-    return "amplification" if beta > 0 else "dilution"
+def shared_draws_problem(frame: pd.DataFrame, cluster: str) -> str | None:
+    """With contexts shared by every query, the draw is a cluster of its own; below
+    MIN_SHARED_DRAWS draws its variance cannot be estimated by any method, so no test is
+    honest (query-only clustering would cover far below nominal: 33% with 2 draws)."""
+    draws = frame["draw"].nunique()
+    if cluster != "query+draw" or draws >= MIN_SHARED_DRAWS:
+        return None
+    return (f"contexts are shared by every query and there are only {draws} draws: the "
+            f"draw-level uncertainty cannot be estimated (two-way clustering needs >= "
+            f"{MIN_SHARED_DRAWS} draws), so no direction is called; `conditional_on_draws` "
+            "holds the query-clustered fit, valid only for these particular demo contexts")
 
 
 def empty_effect(reason: str) -> dict:
@@ -201,17 +214,26 @@ def empty_effect(reason: str) -> dict:
         "ci_high": None,
         "p_value": None,
         "direction": "none",
+        "verdict": "inconclusive",
         "skipped": reason,
     }
 
 
 def benign_effect(
-    frame: pd.DataFrame, *, alpha: float, cluster: str
+    frame: pd.DataFrame, *, alpha: float, cluster: str,
+    sesoi_pp: float = verdicts.DEFAULT_SESOI_PP,
 ) -> tuple[dict, LogitFit | None]:
-    """Fit logit P = b0 + b1 log(N_h+1) + b2 log(N_b+1) and report b2 (the contract's `beta`)."""
+    """Fit logit P = b0 + b1 log(N_h+1) + b2 log(N_b+1) and report b2 (the contract's `beta`),
+    the effect in points inside the design (`effect_pp`) and the equivalence `verdict`."""
     reason = slope_problem(frame)
     if reason:
         return empty_effect(reason), None
+    shared = shared_draws_problem(frame, cluster)
+    if shared:
+        conditional, fit = benign_effect(frame, alpha=alpha, cluster="query", sesoi_pp=sesoi_pp)
+        keep = ("beta", "se", "ci_low", "ci_high", "p_value", "effect_pp")
+        return {**empty_effect(shared), "beta": conditional["beta"],
+                "conditional_on_draws": {k: conditional.get(k) for k in keep}}, fit
     x = design_columns(frame)[["log_nh", "log_nb"]]
     notes = []
     if frame["n_harmful"].nunique() < 2:
@@ -232,15 +254,20 @@ def benign_effect(
         "ci_low": low,
         "ci_high": high,
         "p_value": p,
-        "direction": direction(beta, p, alpha),
+        "direction": verdicts.direction(beta, p, alpha),
         "b0": float(fit.params["const"]),
         "b1": float(fit.params["log_nh"]) if "log_nh" in fit.params else None,
         "n_obs": fit.n_obs,
         "n_clusters": fit.n_clusters,
         "df": fit.df_inference,
         "clustering": fit.clustering,
-        "effect_pp": effect_points(fit, frame, alpha),
+        "effect_pp": average_effect(fit, frame, alpha),
         "notes": notes + fit.notes,
     }
+    pp = out["effect_pp"]
+    tost = verdicts.equivalence(pp["change_pp"], pp["se_pp"], fit.df_inference, sesoi_pp, alpha)
+    out["verdict"] = verdicts.verdict(out["direction"], tost.pop("equivalent"))
+    out["equivalence"] = {"sesoi_pp": sesoi_pp, "test": "TOST on effect_pp",
+                          **{f"{k}_pp" if k.startswith("ci") else k: v for k, v in tost.items()}}
     return out, fit
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stagesweep.evaluate.analysis import fits, hypotheses, rates
+from stagesweep.evaluate.analysis import fits, hypotheses, rates, verdicts
 from stagesweep.evaluate.analysis.data import (
     choose_cluster,
     count_rows,
@@ -26,7 +26,8 @@ from stagesweep.evaluate.analysis.stages import (
 )
 
 
-def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str) -> tuple[dict, dict]:
+def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str,
+                       sesoi_pp: float) -> tuple[dict, dict]:
     """Everything the study measures on one checkpoint. Returns (summary, tables)."""
     raw, judge, agreement = judge_split(raw)
     rows, excluded = usable(raw)
@@ -34,10 +35,11 @@ def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str) -> tupl
     mode = choose_cluster(rows, cluster)
     overall = rates.rate_row(rows["complied"], alpha)
     zero = counts[(counts["n_harmful"] == 0) & (counts["n_benign"] == 0)]
-    effect, _ = fits.benign_effect(counts, alpha=alpha, cluster=mode)
+    effect, _ = fits.benign_effect(counts, alpha=alpha, cluster=mode, sesoi_pp=sesoi_pp)
     count_designs = list(dict.fromkeys(rows.loc[rows["_role"] == "count", "design"].dropna()))
     by_design = {
-        name: fits.benign_effect(rows[rows["design"] == name], alpha=alpha, cluster=mode)[0]
+        name: fits.benign_effect(rows[rows["design"] == name], alpha=alpha, cluster=mode,
+                                 sesoi_pp=sesoi_pp)[0]
         for name in count_designs
     } if len(count_designs) > 1 else None
     h_total = hypotheses.h_total_tests(counts, alpha=alpha)
@@ -88,6 +90,7 @@ def analyze(
     pairs: list[tuple[str, str]] | None = None,
     cluster: str = "auto",
     designs: list[str] | None = None,
+    sesoi_pp: float = verdicts.DEFAULT_SESOI_PP,
 ) -> dict:
     """Analyse every checkpoint in `results`, compare stages, write summary.json + CSVs.
 
@@ -105,7 +108,7 @@ def analyze(
     checkpoints, tables = {}, {"cells": [], "ordering": [], "format": [], "h_total": []}
     for name in order:
         summary, parts = analyze_checkpoint(frame[frame["checkpoint"] == name], alpha=alpha,
-                                            cluster=cluster)
+                                            cluster=cluster, sesoi_pp=sesoi_pp)
         checkpoints[name] = summary
         for table, rows in parts.items():
             tables[table] += [{"checkpoint": name, **r} for r in rows]
@@ -125,7 +128,7 @@ def analyze(
                    for a, b in wanted]
     b2 = [{"checkpoint": n, "stage": checkpoints[n]["stage"], "step": checkpoints[n]["step"],
            **{k: checkpoints[n]["benign_effect"].get(k)
-              for k in ("beta", "ci_low", "ci_high", "p_value", "direction")}}
+              for k in ("beta", "ci_low", "ci_high", "p_value", "direction", "verdict")}}
           for n in order]
     trajectory = [r for r in b2 if r["stage"] is not None] if any(
         r["step"] is not None for r in b2) else []
@@ -134,7 +137,7 @@ def analyze(
         "stage_differences": differences,
         "b2_by_checkpoint": b2,
         "trajectory": trajectory,
-        "settings": {"alpha": alpha, "clustering": mode, "source": source,
+        "settings": {"alpha": alpha, "sesoi_pp": sesoi_pp, "clustering": mode, "source": source,
                      "order": order, "model": "logit P = b0 + b1 log(N_h+1) + b2 log(N_b+1)"},
     })
     write_outputs(Path(out), summary, tables)
