@@ -20,6 +20,8 @@ COMMAND_MODULES: dict[str, str] = {
     "sweep": "stagesweep.evaluate.sweep_cli",
     "analyze": "stagesweep.evaluate.analysis_cli",
     "report": "stagesweep.evaluate.report",
+    "view": "stagesweep.evaluate.view",
+    "export": "stagesweep.evaluate.export",
     "audit": "stagesweep.evaluate.audit",
     "lineage": "stagesweep.lineage",
     "tiny-model": "stagesweep.tiny_model",
