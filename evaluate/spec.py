@@ -66,6 +66,15 @@ class Contexts(StrEnum):
     SHARED = "shared"  # draw d is the same demo context for every query (large prefix reuse)
 
 
+class Order(StrEnum):
+    """How the `random` schedule orders a cell's demos (the other schedules are fixed)."""
+
+    SHUFFLE = "shuffle"  # each cell a uniform shuffle of its demos (the study)
+    # Each cell is the next smaller cell of the same mix plus its new demos shuffled after it,
+    # so the smaller cell's prompt is a prefix of the larger one's (see evaluate/plan.py).
+    PREFIX_NESTED = "prefix_nested"
+
+
 @dataclass
 class PoolSpec:
     """Where a pool's rows come from and which columns hold what.
@@ -138,6 +147,7 @@ class SweepSpec:
     targets: str | list[str] = "targets"
     draws: int = 2
     contexts: Contexts = Contexts.PER_QUERY
+    order: Order = Order.SHUFFLE
     seed: int = 0
     system_prompt: str | None = None
     packing: Packing = Packing.MULTI_TURN
@@ -233,6 +243,7 @@ def parse_spec(data: dict, source: Path | None = None) -> SweepSpec:
     spec = _build(SweepSpec, {**raw, "pools": pools, "designs": designs}, "spec", file)
     spec.generation = _build(GenerationConfig, gen, "generation", file)
     spec.contexts = _enum(Contexts, spec.contexts, "contexts", file)
+    spec.order = _enum(Order, spec.order, "order", file)
     spec.packing = _enum(Packing, spec.packing, "packing", file)
     spec.source = source
     for name in spec.target_pools:

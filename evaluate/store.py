@@ -21,7 +21,7 @@ import pandas as pd
 RESULT_COLUMNS = [
     "unit_id", "checkpoint", "stage", "step", "design", "query_id", "draw", "n_harmful",
     "n_benign", "schedule", "opening", "prompt_tokens", "response", "complied",
-    "format_adopted", "judge", "status",
+    "format_adopted", "judge", "status", "prompt_sha",
 ]
 # Status of a row whose answer still awaits its judge; final statuses are ok, overflow, unparsed,
 # no_final_answer and failed.
@@ -183,9 +183,14 @@ class ResultStore:
 
 def export_results(stores: list[Path],
                    checkpoints: list[tuple[str, str, str | None, int | None]],
-                   unit_ids: set[str], out: Path) -> pd.DataFrame:
+                   unit_ids: set[str], out: Path,
+                   labels: dict[str, list[dict]] | None = None) -> pd.DataFrame:
     """Write results.parquet from one or more stores (shards), limited to this run's
     checkpoints, given as (fingerprint, name, stage, step), and units, sorted deterministically.
+
+    `labels` (plan.export_labels) exports a stored answer once per design label of its prompt,
+    each row with its own unit id and the prompt's `prompt_sha`; without it a row's
+    `prompt_sha` is its unit id.
 
     Rows are keyed by fingerprint, not name: two lineage nodes with identical weights (a
     `checkpoint-N` saved at a stage's last step and the stage's output) share one set of
@@ -203,9 +208,18 @@ def export_results(stores: list[Path],
              for fp, name, stage, step in checkpoints]
     df = pd.concat(named, ignore_index=True) if named else stored
     df = df[df["unit_id"].isin(unit_ids)]
+    if labels is None:
+        df = df.assign(prompt_sha=df["unit_id"])
+    else:
+        names = pd.DataFrame([{"stored_id": uid, **row} for uid, rows in labels.items()
+                              for row in rows], columns=["stored_id", "unit_id", "design",
+                                                         "draw", "schedule", "prompt_sha"])
+        df = df.drop(columns=["design", "draw", "schedule"]).rename(
+            columns={"unit_id": "stored_id"}).merge(names, on="stored_id")
     # Several samples per unit: each sample is its own row with its own id.
     many = df["sample"] > 0
-    df.loc[many, "unit_id"] = df.loc[many, "unit_id"] + "/s" + df.loc[many, "sample"].astype(str)
+    for column in ("unit_id", "prompt_sha"):
+        df.loc[many, column] = df.loc[many, column] + "/s" + df.loc[many, "sample"].astype(str)
     for column in ("step", "complied", "format_adopted", "draw", "n_harmful", "n_benign",
                    "prompt_tokens"):
         df[column] = df[column].astype("Int64")

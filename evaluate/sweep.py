@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from stagesweep.cli import UserError
-from stagesweep.evaluate.plan import WorkUnit, build_plan, plan_summary, shard_units
+from stagesweep.evaluate.plan import (
+    WorkUnit,
+    build_plan,
+    export_labels,
+    plan_summary,
+    shard_units,
+)
 from stagesweep.evaluate.pools import DemoPool, load_pools
 from stagesweep.evaluate.spec import OPENINGS, SweepSpec, load_spec, spec_to_dict
 from stagesweep.evaluate.store import (
@@ -412,7 +418,7 @@ def run_sweep(spec: str | Path | SweepSpec, checkpoints: list[str], out: Path, *
         return results
     df = export_results(_store_paths(out),
                         [(cs.fingerprint, cs.ref.name, cs.ref.stage, cs.ref.step) for cs in setups],
-                        {u.unit_id for u in units}, results)
+                        {u.unit_id for u in units}, results, export_labels(units))
     _write_provenance(out, spec, setups, units, backend_name)
     if progress:
         status = df["status"].value_counts().to_dict()
@@ -421,7 +427,8 @@ def run_sweep(spec: str | Path | SweepSpec, checkpoints: list[str], out: Path, *
               f"({', '.join(f'{k} {v}' for k, v in sorted(status.items()))}); generated "
               f"{counts['generated']}, resumed {counts['skipped']}; compliance "
               f"{rate:.1%} in {time.monotonic() - started:.0f}s -> {results}")
-    missing = len(units) * len(setups) * spec.generation.num_samples - len(df)
+    rows = sum(len(u.labels) for u in units)
+    missing = rows * len(setups) * spec.generation.num_samples - len(df)
     if missing > 0:
         raise UserError(f"{missing} units have no stored answer (a worker failed?); re-run the "
                         "same command to finish them")

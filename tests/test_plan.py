@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stagesweep.cli import UserError
-from stagesweep.evaluate.plan import build_plan, order_demos, shard_units
+from stagesweep.evaluate.plan import build_plan, order_demos, plan_summary, shard_units
 from stagesweep.evaluate.pools import load_pools
 from stagesweep.evaluate.spec import parse_spec
 
@@ -137,9 +137,102 @@ def test_tiny_spec_unit_counts():
     spec = load_spec(TINY)
     units = build_plan(spec, load_pools(spec))
     per_context = {"total_count": 10, "joint": 9, "ordering": 5, "format": 2}
-    contexts = len(load_pools(spec)["targets"]) * spec.draws
-    counts = {d: sum(u.design == d for u in units) for d in per_context}
-    assert counts == {d: n * contexts for d, n in per_context.items()}
+    queries = len(load_pools(spec)["targets"])
+    contexts = queries * spec.draws
+    assert plan_summary(units) == {d: n * contexts for d, n in per_context.items()}
+    # Asked once: joint's (0,4) (2,2) (4,0) (4,4) and ordering's random (4,4) are total_count
+    # cells (4 + 1 a context), and the zero-demo baseline is one prompt per query, not per draw.
+    assert len(units) == sum(per_context.values()) * contexts - 5 * contexts - queries
+    baseline = [u for u in units if u.n_harmful == u.n_benign == 0]
+    assert len(baseline) == queries
+    assert {(lab.design, lab.draw) for lab in baseline[0].labels} == {("joint", 0), ("joint", 1)}
+
+
+def test_shared_prompts_are_identical_prompts(tmp_path):
+    """A unit stands for several labels only when the labels' own plans give the same prompt."""
+    designs = [{"type": "total_count", "n": [4, 8], "phi": [0, 0.5, 1]},
+               {"type": "joint", "n_harmful": [0, 2, 4], "n_benign": [0, 2, 4]},
+               {"type": "ordering", "n": [8], "phi": [0.5],
+                "schedules": ["prefix", "suffix", "random"]}]
+    spec = _spec(tmp_path, designs)
+    units = build_plan(spec, load_pools(spec))
+    assert len({u.prompt_sha for u in units}) == len(units)
+    ids = [lab.unit_id for u in units for lab in u.labels]
+    assert len(ids) == len(set(ids))
+    shared = [u for u in units if len({lab.design for lab in u.labels}) > 1]
+    assert {(u.n_harmful, u.n_benign) for u in shared} >= {(2, 2), (4, 0), (0, 4), (4, 4)}
+    # each design alone plans the very same demos for the cell
+    for design in designs:
+        alone = {(u.query_id, lab.draw, u.cell, lab.schedule): u.demos
+                 for u in build_plan(_spec(tmp_path, [design]), load_pools(spec))
+                 for lab in u.labels}
+        for u in units:
+            for lab in u.labels:
+                if lab.design == design["type"]:
+                    assert alone[u.query_id, lab.draw, u.cell, lab.schedule] == u.demos
+
+
+@pytest.mark.parametrize("contexts", ["per_query", "shared"])
+def test_prefix_nested_orders(tmp_path, contexts):
+    designs = [{"type": "total_count", "n": [4, 8, 16], "phi": [0, 0.25, 0.5, 0.75, 1]},
+               {"type": "joint", "n_harmful": [0, 4, 8], "n_benign": [0, 4, 8]},
+               {"type": "ordering", "n": [16], "phi": [0.5], "schedules": ["suffix", "random"]}]
+    nested = _spec(tmp_path, designs, 24, 24, order="prefix_nested", contexts=contexts)
+    fresh = _spec(tmp_path, designs, 24, 24, contexts=contexts)
+    pools = load_pools(nested)
+    units, before = build_plan(nested, pools), build_plan(fresh, pools)
+    assert build_plan(nested, pools) == units  # deterministic: every checkpoint sees the same
+    sets = {(u.query_id, u.draw, u.cell, u.schedule): set(u.demos) for u in before}
+    cells = {}
+    for u in units:
+        # the same demos as the study's order, only arranged differently
+        assert set(u.demos) == sets[u.query_id, u.draw, u.cell, u.schedule]
+        if u.schedule == "random":
+            cells.setdefault(u.context, {})[(u.n_harmful, u.n_benign)] = u.demos
+        else:  # fixed schedules are unchanged
+            assert u.demos == next(v.demos for v in before if v.unit_id == u.unit_id)
+    for by_cell in cells.values():
+        for phi in (0, 0.25, 0.5, 0.75, 1):
+            chain = [by_cell[round(n * phi), n - round(n * phi)] for n in (4, 8, 16)]
+            for small, big in zip(chain, chain[1:], strict=False):
+                assert big[: len(small)] == small
+    # joint (8, 4) has mix 2:1, which no smaller cell has: it starts its own chain, which is
+    # its plain shuffle order
+    for u in units:
+        if (u.n_harmful, u.n_benign) == (8, 4):
+            assert u.demos == next(v.demos for v in before if v.unit_id == u.unit_id)
+    firsts = {d[0][0] for c in cells.values() for d in [c[(8, 8)]]}
+    assert firsts == {"harmful", "benign"}
+
+
+def test_prefix_nested_positions_stay_uniform(tmp_path):
+    """Each position holds a harmful demo with probability phi, as under a fresh shuffle;
+    the harmful count in the last half is fixed instead of hypergeometric."""
+    import numpy as np
+
+    design = [{"type": "total_count", "n": [4, 8, 16], "phi": [0.25]}]
+    many = parse_spec({**_raw(tmp_path, 400), "designs": design, "order": "prefix_nested"})
+    units = [u for u in build_plan(many, load_pools(many)) if u.n_harmful == 4]
+    hits = np.array([[p == "harmful" for p, _ in u.demos] for u in units], dtype=float)
+    se = np.sqrt(0.25 * 0.75 / len(units))
+    assert np.all(np.abs(hits.mean(axis=0) - 0.25) < 4.5 * se)
+    assert set(hits[:, 8:].sum(axis=1)) == {2.0}
+
+
+def _raw(tmp_path: Path, n_targets: int) -> dict:
+    rows = {
+        "harmful": [{"id": f"h{i}", "request": f"h {i}", "response": "r"} for i in range(12)],
+        "benign": [{"id": f"b{i}", "request": f"b {i}", "response": "r"} for i in range(12)],
+        "targets": [{"id": f"t{i}", "request": f"t {i}"} for i in range(n_targets)],
+    }
+    pools = {}
+    for name, data in rows.items():
+        path = tmp_path / f"many_{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+        cols = {"id": "id", "request": "request"} | ({"response": "response"}
+                                                     if name != "targets" else {})
+        pools[name] = {"path": str(path), "columns": cols}
+    return {"pools": pools, "draws": 1}
 
 
 @pytest.mark.parametrize("name", ["paper", "stages"])

@@ -51,8 +51,12 @@ def test_results_table_matches_the_plan(reference):
     assert list(df.columns) == RESULT_COLUMNS
     spec = load_spec(TINY)
     units = build_plan(spec, load_pools(spec))
-    assert len(df) == len(units) == 416
-    assert sorted(df["unit_id"]) == sorted(u.unit_id for u in units)
+    # 416 rows, one per design label; 328 distinct prompts asked (cells two designs share and
+    # each query's zero-demo baseline are asked once and exported under every label)
+    assert len(df) == sum(len(u.labels) for u in units) == 416 and len(units) == 328
+    assert sorted(df["unit_id"]) == sorted(lab.unit_id for u in units for lab in u.labels)
+    assert df.groupby("prompt_sha")["response"].nunique().max() == 1
+    assert df["prompt_sha"].nunique() == 328
     assert df.groupby("design").size().to_dict() == {
         "format": 32, "joint": 144, "ordering": 80, "total_count": 160}
     assert set(df["status"]) <= {"ok", "overflow", "unparsed", "no_final_answer", "failed"}
@@ -83,14 +87,14 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(reference, tmp_path):
                 pass
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < rows < 416, "the sweep must be killed mid-way"
+    assert 0 < rows < 328, "the sweep must be killed mid-way"
     assert not (out / "results.parquet").exists()
     assert main(["sweep", str(TINY), "--checkpoint", str(ensure_tiny_model("olmo3")),
                  "--out", str(out), *FAST]) == 0
     resumed = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(resumed, expected)
     with sqlite3.connect(out / "sweep.sqlite") as conn:
-        assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 416
+        assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 328
 
 
 def test_overflow_is_counted_never_truncated(tmp_path):
