@@ -1,21 +1,29 @@
 """The resumable result store: one SQLite row per finished unit, per checkpoint.
 
-Rows are keyed by (checkpoint fingerprint, unit id, sample). The fingerprint hashes the
-weights, tokenizer files and the chat template actually used, so answers of two checkpoints
-(or of one checkpoint rendered with two templates) can never be mixed, even if a directory is
-reused or renamed. Each batch is one transaction: a killed sweep loses at most the batch in
-flight, and a re-run skips every committed row.
+Rows are keyed by (checkpoint fingerprint, unit id, sample). The fingerprint hashes every
+byte of the weights, the tokenizer files and the chat template actually used, so answers of
+two checkpoints (or of one checkpoint rendered with two templates) can never be mixed, even if
+a directory is reused or renamed. Each batch is one transaction: a killed sweep loses at most
+the batch in flight, and a re-run skips every committed row.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import os
 import sqlite3
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+from stagesweep.safeio import atomic_path, write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # The columns of results.parquet, in order (BRIEF: the table `stagesweep analyze` reads).
 RESULT_COLUMNS = [
@@ -47,8 +55,8 @@ _ROW_COLUMNS = [
     "judge_raw", "status",
 ]
 
-# Files whose content decides what a checkpoint answers. Weights are hashed by sampling (see
-# `_weights_digest`); the small files in full.
+# Files whose content decides what a checkpoint answers: weights and the small files, all
+# hashed in full.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _SMALL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -57,52 +65,92 @@ _SMALL_FILES = (
 )
 # Training leftovers that do not change the model's answers.
 _NOT_WEIGHTS = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state")
-_SAMPLES, _SAMPLE_BYTES, _FULL_HASH_BELOW = 32, 256 * 1024, 64 * 1024 * 1024
+DIGEST_CACHE_NAME = "weights-digests.json"
 
 
-def _weights_digest(path: Path) -> str:
-    """Size, safetensors header and content of a weights file.
+def weight_files(path: Path) -> list[Path]:
+    """The files of a checkpoint dir that hold its weights (training leftovers excluded)."""
+    return [f for f in sorted(Path(path).iterdir()) if f.is_file()
+            and f.suffix in _WEIGHT_SUFFIXES and not f.name.startswith(_NOT_WEIGHTS)]
 
-    Size and header alone are NOT enough: an SFT and a DPO checkpoint of one model have the
-    same shapes, dtypes and offsets, hence the same header and size. A full sha256 of a 64 GB
-    32B checkpoint costs minutes on every resume, so files over 64 MiB are hashed on 32
-    evenly spaced 256 KiB blocks (8 MiB per file): training moves nearly every weight, so two
-    checkpoints of a lineage differ in every block. The weak spot is a deliberate edit of
-    unsampled bytes, which is not the threat here (mixing up one's own checkpoints is).
+
+class DigestCache:
+    """sha256 of every byte of each weights file, remembered by (path, size, mtime, ctime,
+    inode) in a JSON file beside the store.
+
+    Sampling blocks of big files is not enough: a LoRA touches only q/v projections, a few MiB
+    of a 60 GB file, and an in-place edit of them must give a new fingerprint. Hashing 60 GB
+    costs a minute, so an unchanged file is hashed once per out dir. Any write to a file
+    changes its ctime (which, unlike mtime, cannot be set back), and a replaced file has a
+    new inode, so a stale digest is never reused.
     """
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.entries: dict[str, str] = {}
+        self.bytes_hashed, self.seconds = 0, 0.0
+        if self.path and self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text())
+                self.entries = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):  # a damaged cache is only a slower run
+                self.entries = {}
+
+    @staticmethod
+    def _key(file: Path) -> str:
+        st = file.stat()
+        return f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
+    def digests(self, files: list[Path]) -> list[str]:
+        """The full sha256 of each file, hashing (in parallel threads) only those whose key
+        is not cached; saves the cache when anything was hashed."""
+        keys = [self._key(f) for f in files]
+        todo = [(f, k) for f, k in zip(files, keys, strict=True) if k not in self.entries]
+        if todo:
+            started = time.perf_counter()
+            workers = max(1, min(len(todo), os.cpu_count() or 1, 8))
+            with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL
+                for (f, key), digest in zip(todo, pool.map(_sha256_file, [f for f, _ in todo]),
+                                            strict=True):
+                    self.entries[key] = digest
+                    self.bytes_hashed += f.stat().st_size
+            self.seconds += time.perf_counter() - started
+            if self.path:
+                live = {self._key(f) for f in files}
+                prefixes = {str(f.resolve()) + "|" for f in files}
+                # Drop superseded entries of these files; keep other checkpoints' ones.
+                self.entries = {k: v for k, v in self.entries.items()
+                                if k in live or not k.startswith(tuple(prefixes))}
+                write_json(self.path, self.entries, sort_keys=True)
+        return [self.entries[k] for k in keys]
+
+    def throughput(self) -> str:
+        """What hashing cost so far, for the user: `N MB in S s (R MB/s)`."""
+        mb = self.bytes_hashed / 1e6
+        rate = mb / self.seconds if self.seconds else float("inf")
+        return f"{mb:.0f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s)"
+
+
+def _sha256_file(path: Path) -> str:
     with path.open("rb") as f:
-        if size <= _FULL_HASH_BELOW:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-            return h.hexdigest()
-        if path.suffix == ".safetensors":
-            header_len = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(header_len, 100 * 1024 * 1024)))
-        step = (size - _SAMPLE_BYTES) // (_SAMPLES - 1)
-        for i in range(_SAMPLES):
-            f.seek(i * step)
-            h.update(f.read(_SAMPLE_BYTES))
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def checkpoint_fingerprint(path: Path, chat_template: str, *, hub_revision: str | None = None,
-                           ) -> str:
-    """Hash of a checkpoint's weights, tokenizer/config files and the chat template used."""
+                           digests: DigestCache | None = None) -> str:
+    """Hash of a checkpoint's weights (every byte), tokenizer/config files and the chat
+    template used. `digests` remembers weight digests across runs (a fresh one hashes all)."""
     h = hashlib.sha256(chat_template.encode())
     if hub_revision:
         # A hub commit pins every file; hashing the commit also keeps the fingerprint the same
         # whether or not the weights were fetched (served backends need only the tokenizer).
         h.update(f"hub:{hub_revision}".encode())
         return h.hexdigest()[:24]
+    weights = weight_files(path)
+    for file, digest in zip(weights, (digests or DigestCache()).digests(weights), strict=True):
+        h.update(f"{file.name}={digest}".encode())
     for file in sorted(Path(path).iterdir()):
-        if not file.is_file():
-            continue
-        if file.suffix in _WEIGHT_SUFFIXES and not file.name.startswith(_NOT_WEIGHTS):
-            h.update(f"{file.name}={_weights_digest(file)}".encode())
-        elif file.name in _SMALL_FILES:
+        if file.name in _SMALL_FILES and file.is_file():
             h.update(file.name.encode() + hashlib.sha256(file.read_bytes()).digest())
     return h.hexdigest()[:24]
 
@@ -169,16 +217,45 @@ class ResultStore:
         )
 
     def _write(self, sql: str, params: list[tuple]) -> None:
-        with self.conn:  # commit on success, roll back on error
-            self.conn.execute("BEGIN")
-            self.conn.executemany(sql, params)
+        try:
+            with self.conn:  # commit on success, roll back on error
+                self.conn.execute("BEGIN")
+                self.conn.executemany(sql, params)
+        except sqlite3.OperationalError as err:
+            if "full" not in str(err):
+                raise
+            from stagesweep.cli import UserError
+
+            raise UserError(f"cannot write {self.path}: {err}; free space there and re-run the "
+                            "same command (every answer stored so far is kept)") from None
 
     def frame(self, fingerprints: list[str]) -> pd.DataFrame:
+        import pandas as pd
+
         marks = ", ".join("?" * len(fingerprints))
         return pd.read_sql_query(
             f"SELECT * FROM results WHERE fingerprint IN ({marks})", self.conn,
             params=fingerprints,
         )
+
+
+def check_stores(paths: list[Path]) -> None:
+    """Refuse a damaged store (a truncated copy, a file that is not SQLite) with one line
+    naming it and how to recover, before any model loads."""
+    from stagesweep.cli import UserError
+
+    for path in paths:
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as err:
+            verdict = str(err)
+        if verdict != "ok":
+            raise UserError(f"result store {path} is damaged ({verdict}); restore it from a "
+                            "backup, or move it aside and re-run to generate its answers again")
 
 
 def export_results(stores: list[Path],
@@ -195,6 +272,8 @@ def export_results(stores: list[Path],
     Rows are keyed by fingerprint, not name: two lineage nodes with identical weights (a
     `checkpoint-N` saved at a stage's last step and the stage's output) share one set of
     answers, generated once and exported under each name."""
+    import pandas as pd
+
     fingerprints = sorted({fp for fp, *_ in checkpoints})
     frames = []
     for path in stores:
@@ -226,5 +305,75 @@ def export_results(stores: list[Path],
     df = df.sort_values(["checkpoint", "design", "query_id", "draw", "n_harmful", "n_benign",
                          "schedule", "opening", "unit_id"], kind="stable")
     df = df[RESULT_COLUMNS].reset_index(drop=True)
-    df.to_parquet(out, index=False)
+    with atomic_path(out) as tmp:  # a kill mid-write leaves the previous table whole
+        df.to_parquet(tmp, index=False)
     return df
+
+
+def check_checkpoint_dir(path: Path, *, weights: bool) -> None:
+    """Refuse, before anything loads, a dir that holds no model or whose safetensors files
+    are damaged (a truncated download or copy), naming the file and the fix."""
+    from stagesweep.cli import UserError
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"checkpoint {path} holds no model (no config.json); pass a dir written "
+                        "by save_pretrained or by `stagesweep train`")
+    if not weights:
+        return
+    files = weight_files(path)
+    if not files:
+        raise UserError(f"checkpoint {path} holds no weights (*.safetensors or *.bin); pass a "
+                        "dir written by save_pretrained or by `stagesweep train`")
+    for file in files:
+        if file.suffix == ".safetensors" and not _safetensors_whole(file):
+            raise UserError(f"{file} is not a whole safetensors file (truncated or corrupt); "
+                            "re-save or re-download the checkpoint")
+
+
+def _safetensors_whole(file: Path) -> bool:
+    """Whether the header parses and its tensors end exactly at the end of the file."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            return False
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:  # includes bad UTF-8
+            return False
+    if not isinstance(header, dict):
+        return False
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"
+            and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2]
+    return len(ends) == len(header) - ("__metadata__" in header) and 8 + n + max(ends, default=0) \
+        == size
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fingerprint",
+        help="print the sha256 of a checkpoint's weights files and the hashing throughput",
+        description="Hash every byte of each weights file of the checkpoint dirs (what a sweep's "
+        "checkpoint fingerprint covers) and print the throughput, so you know what the first "
+        "sweep of a large checkpoint costs; later sweeps reuse the digests cached in their "
+        f"--out dir ({DIGEST_CACHE_NAME}).",
+    )
+    parser.add_argument("checkpoints", nargs="+", type=Path, metavar="DIR")
+    parser.set_defaults(func=_handle_fingerprint)
+
+
+def _handle_fingerprint(args: argparse.Namespace) -> int:
+    from stagesweep.cli import UserError
+
+    cache = DigestCache()
+    for directory in args.checkpoints:
+        if not directory.is_dir():
+            raise UserError(f"{directory} is not a directory")
+        files = weight_files(directory)
+        if not files:
+            raise UserError(f"{directory} holds no weights (*.safetensors, *.bin, *.pt)")
+        for file, digest in zip(files, cache.digests(files), strict=True):
+            print(f"{digest}  {file}")
+    print(f"hashed {cache.throughput()}")
+    return 0

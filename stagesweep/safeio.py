@@ -132,3 +132,59 @@ def write_json(path: Path | str, data: Any, **dumps: Any) -> Path:
     """Write `data` as indented JSON (secrets redacted) to `path` atomically."""
     return write_text(path, json.dumps(redact(data), **{"indent": 2, "default": str, **dumps})
                       + "\n")
+
+
+# Set in the environment of workers started by a process that holds an out dir's lock: they
+# share it (they inherit its open file, which keeps the lock held while any of them runs).
+_HELD_LOCK_ENV = "STAGESWEEP_HELD_LOCK"
+LOCK_NAME = ".stagesweep.lock"
+_HELD: dict[str, int] = {}  # resolved dir -> descriptor of the lock this process holds
+
+
+@contextmanager
+def dir_lock(directory: Path | str, *, shared: bool = False) -> Iterator[int | None]:
+    """Hold the lock of an output dir: exclusive for a whole sweep, shared for the shard
+    workers of one multi-node launch. A second sweep into a held dir gets a one-line
+    `UserError` naming the holder's pid instead of mixing its answers into the table.
+
+    Yields the lock file's descriptor, or None where this process's parent holds the lock
+    for it (see `worker_lock`)."""
+    import fcntl
+
+    from stagesweep.cli import UserError
+
+    directory = Path(directory).resolve()
+    if os.environ.get(_HELD_LOCK_ENV) == str(directory):
+        yield None
+        return
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = os.pread(fd, 4096, 0).decode(errors="replace").split()
+            who = f"pid {', '.join(holders[-4:])}" if holders else "another process"
+            raise UserError(f"{directory} is in use by another sweep ({who}); wait for it to "
+                            "finish or choose another --out") from None
+        if not shared:
+            os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_END)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _HELD[str(directory)] = fd
+        try:
+            yield fd
+        finally:
+            _HELD.pop(str(directory), None)
+            if not shared:
+                os.ftruncate(fd, 0)  # a finished dir's lock file is empty, as before the run
+    finally:
+        os.close(fd)
+
+
+def worker_lock(directory: Path | str) -> tuple[dict[str, str], tuple[int, ...]]:
+    """Environment entries and `pass_fds` for worker processes that run under this process's
+    lock of `directory`: they skip locking, and holding the inherited descriptor keeps the dir
+    locked even if this process dies before them."""
+    directory = str(Path(directory).resolve())
+    fd = _HELD.get(directory)
+    return {_HELD_LOCK_ENV: directory}, (fd,) if fd is not None else ()
