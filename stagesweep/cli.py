@@ -27,6 +27,7 @@ COMMAND_MODULES: dict[str, str] = {
     "tiny-model": "stagesweep.tiny_model",
     "power": "stagesweep.evaluate.power",
     "bench": "stagesweep.evaluate.bench",
+    "fingerprint": "stagesweep.evaluate.store",
 }
 
 
