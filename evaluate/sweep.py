@@ -30,11 +30,24 @@ from stagesweep.evaluate.plan import (
 from stagesweep.evaluate.pools import DemoPool, load_pools
 from stagesweep.evaluate.spec import OPENINGS, SweepSpec, load_spec, spec_to_dict
 from stagesweep.evaluate.store import (
+    DIGEST_CACHE_NAME,
     GENERATED,
+    DigestCache,
     ResultStore,
+    check_checkpoint_dir,
+    check_stores,
     checkpoint_fingerprint,
     export_results,
     request_sha,
+)
+from stagesweep.safeio import (
+    atomic_path,
+    dir_lock,
+    is_secret_key,
+    redact,
+    worker_lock,
+    write_json,
+    write_text,
 )
 
 # Units rendered and handed to the backend at a time: whole demo contexts, so prefix sharing
@@ -120,7 +133,10 @@ def _local_dir(ref: CheckpointRef, weights: bool, allow_pickle: bool) -> tuple[P
 
 
 def setup_checkpoint(ref: CheckpointRef, spec: SweepSpec, *, weights: bool, allow_pickle: bool,
-                     chat_template: str | None) -> CheckpointSetup:
+                     chat_template: str | None,
+                     digests: DigestCache | None = None) -> CheckpointSetup:
+    """Tokenizer, fingerprint and generation settings of one checkpoint; `digests=None` (a
+    preview, which stores nothing) skips hashing the weights."""
     from stagesweep.evaluate.render import (
         context_limit,
         load_tokenizer,
@@ -133,7 +149,8 @@ def setup_checkpoint(ref: CheckpointRef, spec: SweepSpec, *, weights: bool, allo
                          trust_remote_code=spec.trust_remote_code)
     template = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(
         tok.chat_template, sort_keys=True)
-    fingerprint = checkpoint_fingerprint(local, template, hub_revision=revision)
+    fingerprint = "" if digests is None else checkpoint_fingerprint(
+        local, template, hub_revision=revision, digests=digests)
     family = reasoning_family(str(local), tok)
     gen = spec.generation
     config = dataclasses.replace(
@@ -355,13 +372,85 @@ def _store_paths(out: Path) -> list[Path]:
     return sorted(out.glob("sweep*.sqlite"))
 
 
-def run_sweep(spec: str | Path | SweepSpec, checkpoints: list[str], out: Path, *,
-              backend: str | None = None, base_url: str | None = None,
-              lineage: Path | None = None, retry_failed: bool = False,
-              prefix_sharing: bool = True, max_kv_gb: float | None = None,
-              num_processes: int = 1, progress: bool = True, allow_pickle: bool = False,
-              chat_template: str | None = None, shard: tuple[int, int] | None = None) -> Path:
-    """Sweep every checkpoint and return `out/results.parquet`.
+def run_sweep(spec: str | Path | SweepSpec, checkpoints: list[str], out: Path,
+              **options: Any) -> Path:
+    """Sweep every checkpoint and return `out/results.parquet` (options: see `_sweep`).
+
+    Every input is checked before anything loads, and the sweep holds `out`'s lock while it
+    runs, so a second sweep into the same dir stops with one line instead of mixing tables.
+    """
+    spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
+    out = Path(out)
+    shard = options.get("shard")
+    if shard is None and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        shard = options["shard"] = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    backend = options.get("backend") or spec.backend
+    check_run(spec, backend, **{k: options[k] for k in ("base_url", "max_kv_gb",
+                                                        "num_processes") if k in options},
+              shard=shard)
+    lineage = options.get("lineage")
+    refs = resolve_checkpoints(list(checkpoints), Path(lineage) if lineage else None)
+    for ref in refs:
+        if Path(ref.source).is_dir():
+            check_checkpoint_dir(Path(ref.source), weights=backend != "openai")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory (new or a sweep's out dir)")
+    out.mkdir(parents=True, exist_ok=True)
+    check_stores(_store_paths(out))
+    with dir_lock(out, shared=shard is not None):
+        return _sweep(spec, checkpoints, out, **options)
+
+
+def check_run(spec: SweepSpec, backend: str, *, base_url: str | None = None,
+              max_kv_gb: float | None = None, num_processes: int = 1,
+              shard: tuple[int, int] | None = None) -> None:
+    """Refuse, before anything loads, what would otherwise fail (or mislead) only after
+    answers were generated: an unknown judge or backend, backend options it does not take, a
+    key written into the spec, nonsensical run options."""
+    import inspect
+
+    from stagesweep.evaluate.backends.base import BACKENDS, get_backend_class
+    from stagesweep.evaluate.judges.base import JUDGES
+
+    file = spec.source or "<spec>"
+    for what, name, registry in (("judge", spec.judge, JUDGES), ("backend", backend, BACKENDS)):
+        if name not in registry:
+            raise UserError(f"{file}: {what} {name!r} is unknown; choose one of "
+                            f"{', '.join(sorted(registry))}")
+    for where, options in (("backend_options", spec.backend_options),
+                           ("judge_options", spec.judge_options)):
+        for key, value in options.items():
+            if is_secret_key(str(key)) and value:
+                raise UserError(f"{file}: {where}.{key} holds a secret, which would be copied "
+                                "into the out dir; remove it and export it instead (the openai "
+                                "backend reads $OPENAI_API_KEY, or the variable named by "
+                                f"{where}.api_key_env)")
+    params = inspect.signature(get_backend_class(backend).__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        taken = set(params) - {"self", "base_url", "model_path", "tokenizer"}
+        for key in spec.backend_options:
+            if key not in taken | {"base_url"}:
+                raise UserError(f"{file}: backend_options.{key} is not an option of the "
+                                f"{backend} backend; it takes {', '.join(sorted(taken))}")
+    if backend == "openai" and not (base_url or spec.backend_options.get("base_url")):
+        raise UserError("the openai backend needs --base-url URL (or backend_options.base_url "
+                        "in the spec)")
+    if max_kv_gb is not None and not max_kv_gb > 0:
+        raise UserError(f"--max-kv-gb {max_kv_gb}: give a positive number of GB")
+    if num_processes < 1:
+        raise UserError("--num-processes must be at least 1")
+    if shard is not None and num_processes > 1:
+        raise UserError("--shard runs one worker's share and --num-processes starts the workers "
+                        "itself; pass only one of them")
+
+
+def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
+           backend: str | None = None, base_url: str | None = None,
+           lineage: Path | None = None, retry_failed: bool = False,
+           prefix_sharing: bool = True, max_kv_gb: float | None = None,
+           num_processes: int = 1, progress: bool = True, allow_pickle: bool = False,
+           chat_template: str | None = None, shard: tuple[int, int] | None = None) -> Path:
+    """The sweep itself, run under `out`'s lock.
 
     `shard=(i, n)` runs only shard i of n (a worker of `num_processes` or of a torchrun/multi-
     node launch, which sets RANK/WORLD_SIZE) into its own store and exports nothing; the
@@ -388,17 +477,20 @@ def run_sweep(spec: str | Path | SweepSpec, checkpoints: list[str], out: Path, *
         hf_logging.disable_progress_bar()
     if shard is None and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         shard = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
-    _write_spec_copy(spec, out)
+    digests = DigestCache(out / DIGEST_CACHE_NAME)
     if num_processes > 1 and shard is None:
-        _run_workers(out, refs, num_processes, backend_name, opts, chat_template)
+        _run_workers(spec, out, refs, num_processes, backend_name, opts, chat_template)
         store_path = None
     else:
         mine = shard_units(units, *shard) if shard else units
         store_path = out / (f"sweep.shard{shard[0]}of{shard[1]}.sqlite" if shard
                             else "sweep.sqlite")
     setups = [setup_checkpoint(ref, spec, weights=backend_name == "hf" and store_path is not None,
-                               allow_pickle=allow_pickle, chat_template=chat_template)
+                               allow_pickle=allow_pickle, chat_template=chat_template,
+                               digests=digests)
               for ref in refs]
+    if progress and digests.bytes_hashed:
+        print(f"fingerprints: hashed weights, {digests.throughput()}")
     counts = {"generated": 0, "overflow": 0, "skipped": 0, "judged": 0}
     if store_path is not None:
         store, judge = ResultStore(store_path), _SharedJudge(spec)
@@ -419,6 +511,7 @@ def run_sweep(spec: str | Path | SweepSpec, checkpoints: list[str], out: Path, *
     df = export_results(_store_paths(out),
                         [(cs.fingerprint, cs.ref.name, cs.ref.stage, cs.ref.step) for cs in setups],
                         {u.unit_id for u in units}, results, export_labels(units))
+    _write_spec_copy(spec, out / "spec.yaml")
     _write_provenance(out, spec, setups, units, backend_name)
     if progress:
         status = df["status"].value_counts().to_dict()
@@ -435,10 +528,14 @@ def run_sweep(spec: str | Path | SweepSpec, checkpoints: list[str], out: Path, *
     return results
 
 
-def _run_workers(out: Path, refs: list[CheckpointRef], n: int, backend: str, opts: dict,
-                 chat_template: str | None) -> None:
-    """Start n local worker processes, one shard each, and wait for all of them."""
-    cmd = [sys.executable, "-m", "stagesweep", "sweep", str(out / "spec.yaml"), "--out", str(out),
+def _run_workers(spec: SweepSpec, out: Path, refs: list[CheckpointRef], n: int, backend: str,
+                 opts: dict, chat_template: str | None) -> None:
+    """Start n local worker processes, one shard each, and wait for all of them. They read
+    the spec from a private copy (out/spec.yaml changes only once a run is accepted) and run
+    under this process's lock of `out`."""
+    worker_spec = out / f".spec.workers.{os.getpid()}.yaml"
+    _write_spec_copy(spec, worker_spec, redacted=False)
+    cmd = [sys.executable, "-m", "stagesweep", "sweep", str(worker_spec), "--out", str(out),
            "--backend", backend]
     for ref in refs:
         cmd += ["--checkpoint", ref.source]
@@ -454,16 +551,23 @@ def _run_workers(out: Path, refs: list[CheckpointRef], n: int, backend: str, opt
     threads = str(max(1, (os.cpu_count() or 1) // n))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
-    procs = [subprocess.Popen([*cmd, "--shard", f"{i}/{n}", "--quiet"],
-                              env={**env, "LOCAL_RANK": str(i)}) for i in range(n)]
-    codes = [p.wait() for p in procs]
+    lock_vars, lock_fds = worker_lock(out)
+    try:
+        procs = [subprocess.Popen([*cmd, "--shard", f"{i}/{n}", "--quiet"], pass_fds=lock_fds,
+                                  env={**env, **lock_vars, "LOCAL_RANK": str(i)})
+                 for i in range(n)]
+        codes = [p.wait() for p in procs]
+    finally:
+        worker_spec.unlink(missing_ok=True)
     if any(codes):
         raise UserError(f"sweep workers exited with codes {codes}; re-run the same command to "
                         "resume the unfinished shards")
 
 
-def _write_spec_copy(spec: SweepSpec, out: Path) -> None:
-    """The resolved spec (pool paths made absolute) that workers and provenance read."""
+def _write_spec_copy(spec: SweepSpec, path: Path, *, redacted: bool = True) -> None:
+    """The resolved spec (pool paths made absolute) that workers and provenance read; secrets
+    (credentials in URLs, secret-named keys) are redacted except in the workers' private
+    copy."""
     import yaml
 
     data = spec_to_dict(spec)
@@ -473,9 +577,7 @@ def _write_spec_copy(spec: SweepSpec, out: Path) -> None:
             pool["path"] = str((base / pool["path"]).resolve())
         pool.pop("name", None)
     data.pop("source")
-    tmp = out / f"spec.yaml.{os.getpid()}.tmp"  # workers write it concurrently
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, out / "spec.yaml")
+    write_text(path, yaml.safe_dump(redact(data) if redacted else data, sort_keys=False))
 
 
 def _provenance(cs: CheckpointSetup) -> dict:
@@ -504,10 +606,11 @@ def _write_provenance(out: Path, spec: SweepSpec, setups: list[CheckpointSetup],
         "backend": backend, "units_per_design": plan_summary(units), "versions": versions,
         "checkpoints": [_provenance(cs) for cs in setups],
     }
-    (out / "provenance.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(out / "provenance.json", record)
     plan = pd.DataFrame([{**{k: v for k, v in dataclasses.asdict(u).items() if k != "demos"},
                           "demos": [f"{p}:{i}" for p, i in u.demos]} for u in units])
-    plan.to_parquet(out / "plan.parquet", index=False)
+    with atomic_path(out / "plan.parquet") as tmp:
+        plan.to_parquet(tmp, index=False)
 
 
 def _showcase(units: list[WorkUnit], k: int) -> list[WorkUnit]:
