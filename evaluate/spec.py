@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -186,7 +188,49 @@ def _build(cls: type, data: Any, where: str, file: str) -> Any:
     for key in data:
         if key not in valid:
             raise UserError(f"{file}: unknown key {where}.{key}{_closest(str(key), valid)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _matches(value, hints[key]):
+            raise UserError(f"{file}: {where}.{key} is {value!r}, not {_describe(hints[key])}; "
+                            "fix its value")
     return cls(**data)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's type. Strings, enums and nested dataclasses are
+    checked where they are used (with their valid choices); a list field also takes one item."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return all(_matches(v, args[0]) for v in items)
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """A field's type in the words of a YAML author."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"{_describe(args[0])} or a list of them"
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}s"
+    names = {int: "a whole number", float: "a number", bool: "true/false", dict: "a mapping"}
+    return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
 
 
 def _enum(enum: type[StrEnum], value: Any, where: str, file: str) -> Any:
@@ -242,6 +286,7 @@ def parse_spec(data: dict, source: Path | None = None) -> SweepSpec:
         gen["stop_token_ids"] = tuple(gen["stop_token_ids"])
     spec = _build(SweepSpec, {**raw, "pools": pools, "designs": designs}, "spec", file)
     spec.generation = _build(GenerationConfig, gen, "generation", file)
+    _check_generation(spec.generation, file)
     spec.contexts = _enum(Contexts, spec.contexts, "contexts", file)
     spec.order = _enum(Order, spec.order, "order", file)
     spec.packing = _enum(Packing, spec.packing, "packing", file)
@@ -295,10 +340,26 @@ def _check_design(design: DesignSpec, where: str, file: str, pools: dict) -> Non
             )
 
 
+def _check_generation(gen: GenerationConfig, file: str) -> None:
+    """Settings that would run but measure nothing (0 new tokens: every answer empty and
+    judged compliant) or fail only once a model is loaded."""
+    for key in ("max_new_tokens", "num_samples", "batch_size"):
+        if getattr(gen, key) < 1:
+            raise UserError(f"{file}: generation.{key} is {getattr(gen, key)}; it must be at "
+                            "least 1")
+    if gen.temperature < 0:
+        raise UserError(f"{file}: generation.temperature is {gen.temperature}; use 0 (greedy) "
+                        "or a positive value")
+    if not 0 < gen.top_p <= 1:
+        raise UserError(f"{file}: generation.top_p is {gen.top_p}; it must lie in (0, 1]")
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read a sweep spec YAML file."""
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"sweep spec {path} is a directory; pass the spec's YAML file")
     if not path.is_file():
         raise UserError(f"sweep spec {path} not found")
     data = read_yaml_mapping(path, "sweep spec",
