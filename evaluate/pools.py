@@ -69,6 +69,8 @@ def _load_dataset(spec: PoolSpec, base: Path | None):
             if fmt is None:
                 raise UserError(f"pool {spec.name!r}: {path} must end in one of "
                                 f"{', '.join(_LOCAL_FORMATS)}")
+            if fmt != "parquet":
+                _check_utf8(path, spec.name)
             return datasets.load_dataset(fmt, data_files=str(path), split="train")
         return datasets.load_dataset(
             spec.hub, spec.config, split=spec.split, revision=spec.revision,
@@ -81,6 +83,18 @@ def _load_dataset(spec: PoolSpec, base: Path | None):
         where = spec.path or f"{spec.hub} (config {spec.config}, split {spec.split})"
         raise UserError(f"pool {spec.name!r}: cannot load rows from {where}: "
                         f"{err or 'no rows'}") from None
+
+
+def _check_utf8(path: Path, pool: str) -> None:
+    """A text pool must be UTF-8; arrow would read another encoding and fail only when a row
+    is first used, with a traceback."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"pool {pool!r}: {path} line {number} is not UTF-8 text; "
+                                "re-save the file as UTF-8") from None
 
 
 def load_pool(spec: PoolSpec, *, needs_response: bool, base: Path | None = None,

@@ -44,6 +44,9 @@ def read_yaml_mapping(path: Path, what: str, hint: str) -> dict:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as err:
         raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); re-save the {what} as "
+                        "UTF-8") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
