@@ -96,6 +96,10 @@ def resolve_checkpoints(checkpoints: list[str], lineage: Path | None) -> list[Ch
             refs.append(CheckpointRef(str(path.resolve()), path.resolve().name))
         elif path.exists() or value.startswith((".", "/")) or value.count("/") > 1:
             raise UserError(f"checkpoint {value!r} is neither a directory nor a hub id")
+        elif path.parent != Path(".") and path.parent.is_dir():
+            # `runs/sft` where runs/ exists is a mistyped local path, not the hub id runs/sft
+            raise UserError(f"checkpoint {value!r}: no such directory in {path.parent}/ (a hub "
+                            "id would be ORG/NAME); check the path")
         else:
             refs.append(CheckpointRef(value, value))
     if lineage is not None:
@@ -128,7 +132,9 @@ def _local_dir(ref: CheckpointRef, weights: bool, allow_pickle: bool) -> tuple[P
     try:
         local = Path(snapshot_download(ref.source, allow_patterns=patterns))
     except Exception as err:  # hub errors come in many classes; all mean "cannot get it"
-        raise UserError(f"cannot fetch checkpoint {ref.source!r} from the hub: {err}") from None
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"checkpoint {ref.source!r} is no local directory and cannot be fetched "
+                        f"from the hub: {reason}") from None
     return local, local.name
 
 
