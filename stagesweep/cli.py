@@ -18,6 +18,7 @@ COMMAND_MODULES: dict[str, str] = {
     "demo": "stagesweep.demo",
     "train": "stagesweep.train.cli",
     "sweep": "stagesweep.evaluate.sweep_cli",
+    "plan": "stagesweep.evaluate.cost",
     "analyze": "stagesweep.evaluate.analysis_cli",
     "report": "stagesweep.evaluate.report",
     "view": "stagesweep.evaluate.view",
