@@ -7,6 +7,7 @@ executes in each worker process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dry-run", action="store_true",
-        help="validate offline (keys, types, parent, combinations) without loading weights",
+        help="validate offline without loading weights (keys, types, values TRL documents, "
+        "parent, combinations, hub revisions) and print the hub revisions a run would use",
     )
 
 
@@ -69,14 +71,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from stagesweep.train.run import train
+    from stagesweep.cli import UserError
+    from stagesweep.train.recipe import hub_pins, load_recipe
+    from stagesweep.train.run import train, validate
 
     args = _late_options(args)
-    out = train(args.recipe, args.overrides, accelerate_config=args.accelerate_config,
-                dry_run=args.dry_run)
+    if args.dry_run:
+        try:
+            spec = validate(args.recipe, args.overrides, accelerate_config=args.accelerate_config)
+        except UserError:
+            # What would be downloaded, shown before the refusal (an unpinned id, say), so the
+            # line to fix is on screen with the error.
+            with contextlib.suppress(UserError):
+                _print_pins(hub_pins(load_recipe(args.recipe, args.overrides)))
+            raise
+        _print_pins(hub_pins(spec))
+        print(f"recipe ok; would write {spec.output_dir}")
+        return 0
+    out = train(args.recipe, args.overrides, accelerate_config=args.accelerate_config)
     if os.environ.get("RANK", "0") == "0":  # launched workers: only rank 0 reports
-        print(f"{'recipe ok; would write' if args.dry_run else 'trained'} {out}")
+        print(f"trained {out}")
     return 0
+
+
+def _print_pins(pins: list) -> None:
+    print("hub revisions:" if pins else "hub revisions: none (local model and data)")
+    for pin in pins:
+        print(f"  {pin.describe()}")
 
 
 def main(argv: list[str] | None = None) -> int:

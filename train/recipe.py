@@ -31,6 +31,11 @@ SIDE_CLASSES = ("trl:ModelConfig", "trl:ScriptArguments", "trl:DatasetMixtureCon
 TINY_PREFIX = "tiny:"
 # Hub ids are `name` or `org/name`; anything else that is not an existing dir is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A pin is a full commit sha: a branch or tag moves, and a short sha is not a revision the hub
+# cache can key on.
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# `datasets` builders that read local files (`path: json` + data_files), not hub repositories.
+_FILE_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas"})
 
 
 @dataclass
@@ -53,6 +58,11 @@ class StageSpec:
     global_batch_size: int | None = None
     """Pinned global batch: per_device_train_batch_size * gradient_accumulation_steps *
     num_gpus must equal it (checked), so a port to other hardware cannot change it silently."""
+    dataset_revision: str | None = None
+    """Commit sha of the hub dataset `dataset_name` (TRL's ScriptArguments has no such key)."""
+    allow_unpinned: bool = False
+    """Run even though a hub model or dataset has no commit sha: it then resolves to whatever
+    the hub serves today (recorded in the manifest), so the run may not be reproducible."""
 
 
 @dataclass
@@ -159,9 +169,17 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
             )
         sorted_parts["training"][key] = expected
     training = sorted_parts["training"]
+    _check_choices(path, targets["training"], training)
     training.setdefault("output_dir", str(Path("outputs") / path.parent.name / stage.stage))
     for entry in sorted_parts["mixture"].get("datasets") or []:
         _resolve_data_files(path, entry)
+    template_file = training.get("chat_template_path")
+    if template_file and (path.resolve().parent / template_file).is_file():
+        # a template shipped beside the recipe (open-instruct's named templates as files)
+        training["chat_template_path"] = str(path.resolve().parent / template_file)
+    elif str(template_file or "").endswith((".jinja", ".j2")) and not Path(template_file).is_file():
+        raise UserError(f"{path}: chat_template_path {template_file!r} not found next to the "
+                        "recipe")
 
     resolved = {k: v for k, v in raw.items() if k != "stagesweep"}
     resolved.update(training)
@@ -381,6 +399,115 @@ def resolve_parent(recipe: Recipe, *, build: bool) -> Parent:
         f"{recipe.path}: model_name_or_path {spec!r}: no such directory "
         "(hub ids are written org/name)"
     )
+
+
+@dataclass
+class HubPin:
+    """One hub repository a recipe downloads, and the commit it is pinned to."""
+
+    key: str
+    """The recipe key that names it (`model_name_or_path`, `dataset_name`, `datasets[0]`)."""
+    hub_id: str
+    revision: str | None
+    """As written: a commit sha, a branch or tag, or None."""
+    revision_key: str | None
+    """Where its revision is set; None where the recipe has no way to pin it."""
+
+    @property
+    def pinned(self) -> bool:
+        return self.revision is not None and _COMMIT_SHA.match(self.revision) is not None
+
+    def describe(self) -> str:
+        if self.pinned:
+            return f"{self.key}: {self.hub_id} @ {self.revision}"
+        where = f"set {self.revision_key} to a commit sha" if self.revision_key else (
+            "hub entries of `datasets:` cannot be pinned; use dataset_name and "
+            "stagesweep.dataset_revision")
+        return f"{self.key}: {self.hub_id} @ {self.revision or 'main'} (UNPINNED: {where})"
+
+
+def hub_pins(recipe: Recipe) -> list[HubPin]:
+    """Every hub model and dataset the recipe would download, with its revision."""
+    pins = []
+    parent = recipe.model.get("model_name_or_path") or ""
+    if _is_hub_id(parent):
+        pins.append(HubPin("model_name_or_path", parent, recipe.model.get("model_revision"),
+                           "model_revision"))
+    dataset = recipe.script.get("dataset_name")
+    if dataset and _is_hub_id(dataset):
+        pins.append(HubPin("dataset_name", dataset, recipe.stagesweep.dataset_revision,
+                           "stagesweep.dataset_revision"))
+    for i, entry in enumerate(recipe.mixture.get("datasets") or []):
+        path = str(entry.get("path", ""))
+        if path not in _FILE_BUILDERS and _is_hub_id(path):
+            pins.append(HubPin(f"datasets[{i}]", path, None, None))
+    return pins
+
+
+def check_pins(recipe: Recipe) -> list[HubPin]:
+    """Refuse hub ids without a commit sha unless `stagesweep.allow_unpinned` says otherwise.
+
+    A hub repository's `main` moves (OLMo-2-1124-7B was re-released after a tokenizer fix), so
+    an unpinned recipe names different weights or data on different days.
+    """
+    pins = hub_pins(recipe)
+    loose = [pin for pin in pins if not pin.pinned]
+    if loose and not recipe.stagesweep.allow_unpinned:
+        raise UserError(
+            f"{recipe.path}: unpinned hub ids: "
+            + "; ".join(f"{p.hub_id} ({p.revision_key or p.key})" for p in loose)
+            + ": set 40-hex commit shas, or stagesweep.allow_unpinned=true to train on "
+            "whatever the hub serves today"
+        )
+    return pins
+
+
+def _is_hub_id(spec: str) -> bool:
+    if not spec or spec.startswith((TINY_PREFIX, ".", "~", "/")):
+        return False
+    return not Path(spec).expanduser().exists() and _HUB_ID.match(spec) is not None
+
+
+def documented_choices(config_cls: type) -> dict[str, tuple[str, ...]]:
+    """Fields whose TRL docstring lists "Possible values", with those values.
+
+    TRL types some of these as plain `str`/`list[str]` and checks them only inside the loss
+    (DPO's `loss_type` fails at the first training step, after the weights loaded), so the
+    values are read from the installed TRL's own documentation and checked before that.
+    """
+    found: dict[str, tuple[str, ...]] = {}
+    for cls in reversed(config_cls.__mro__):
+        doc = cls.__dict__.get("__doc__") or ""
+        for match in _DOC_PARAM.finditer(doc):
+            name, body = match.group(1), match.group(2)
+            head, sep, rest = body.partition("Possible values are")
+            if not sep:
+                continue
+            bullets = re.findall(r"^\s*- `[\"']?([\w.-]+)[\"']?`", rest, flags=re.MULTILINE)
+            if not bullets:
+                inline = re.split(r"\.\s", rest, maxsplit=1)[0]
+                bullets = re.findall(r"`[\"']?([\w.-]+)[\"']?`", inline)
+            if bullets:
+                found[name] = tuple(bullets)
+    return found
+
+
+# One parameter entry of a Google-style docstring: `name (type...):` and its indented body.
+_DOC_PARAM = re.compile(r"^\s{4,}(\w+) \([^\n]*\):\n(.*?)(?=^\s{4,}\w+ \(|^\s{4,}> |\Z)",
+                        re.MULTILINE | re.DOTALL)
+
+
+def _check_choices(path: Path, config_cls: type, training: dict[str, Any]) -> None:
+    for key, choices in documented_choices(config_cls).items():
+        if key not in training or training[key] is None:
+            continue
+        values = training[key] if isinstance(training[key], list) else [training[key]]
+        for value in values:
+            if value not in choices:
+                raise UserError(
+                    f"{path}: {key} {value!r} is not a {config_cls.__name__} {key}; valid "
+                    f"values: {', '.join(choices)}"
+                )
 
 
 @dataclass

@@ -24,7 +24,9 @@ from stagesweep.train.recipe import (
     Parent,
     Recipe,
     check_combinations,
+    check_pins,
     family_name,
+    hub_pins,
     load_recipe,
     read_accelerate_config,
     resolve_parent,
@@ -52,19 +54,12 @@ def train(
     `accelerate launch` with that config's process count. With `dry_run`, only offline checks
     run: keys, types, combinations, the parent's existence and the config's own validation.
     """
+    if dry_run:
+        return validate(recipe, overrides, accelerate_config=accelerate_config).output_dir
     spec = load_recipe(recipe, overrides)
-    # A real run is checked against the config it runs under; a dry run also against the one
-    # the recipe was sized for, since that is where it will eventually run.
     config_name = accelerate_config or os.environ.get(ACCELERATE_ENV)
-    if dry_run:
-        config_name = config_name or spec.stagesweep.accelerate_config
-    accelerate = read_accelerate_config(config_name) if config_name else None
-    check_combinations(spec, accelerate)
-    if dry_run:
-        resolve_parent(spec, build=False)
-        _check_side_configs(spec)
-        _build_config(spec, for_validation=True)
-        return spec.output_dir
+    check_combinations(spec, read_accelerate_config(config_name) if config_name else None)
+    check_pins(spec)  # before any download: an unpinned id is refused, not fetched
     from stagesweep.train.launch import relaunch, running_under_launcher
 
     if accelerate_config and not running_under_launcher():
@@ -75,6 +70,25 @@ def train(
                             f"failed (exit {code}); see the log above")
         return spec.output_dir
     return _run(spec, resolve_parent(spec, build=True))
+
+
+def validate(recipe: Path | str, overrides: list[str], *,
+             accelerate_config: str | None = None) -> Recipe:
+    """Every offline check of a run, without loading weights or data: keys, types, documented
+    values, combinations, the parent, hub pins and the TRL configs' own validation.
+
+    Checked against the given accelerate config, or else the one the recipe was sized for,
+    since that is where it will eventually run.
+    """
+    spec = load_recipe(recipe, overrides)
+    config_name = (accelerate_config or os.environ.get(ACCELERATE_ENV)
+                   or spec.stagesweep.accelerate_config)
+    check_combinations(spec, read_accelerate_config(config_name) if config_name else None)
+    resolve_parent(spec, build=False)
+    _check_side_configs(spec)
+    _build_config(spec, for_validation=True)
+    check_pins(spec)
+    return spec
 
 
 def _check_side_configs(spec: Recipe) -> None:
@@ -303,6 +317,13 @@ def _load_parent(spec: Recipe, parent: Parent) -> tuple[Any, Any, dict[str, Any]
         raise UserError(f"{spec.path}: cannot load parent {parent.spec!r}: "
                         f"{str(err).splitlines()[0]}") from None
     model = _from_pretrained(spec, parent, kwargs)
+    if "hub_id" in parent.manifest:
+        # the commit the hub actually served: the record of an unpinned run
+        parent.manifest["resolved_revision"] = getattr(model.config, "_commit_hash", None)
+    template_file = spec.training.get("chat_template_path")
+    if template_file and str(template_file).endswith((".jinja", ".j2")):
+        # TRL's SFT trainer installs it too, but only after the checks below need a template
+        tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
     prepare_chat(tokenizer, model, spec.stagesweep.chat_template, where=spec.path)
     return model, tokenizer, kwargs
 
@@ -376,12 +397,15 @@ def _load_data(spec: Recipe, args: Any) -> tuple[Any, Any]:
     from datasets import load_dataset
     from trl import DatasetMixtureConfig, get_dataset
 
+    from stagesweep.train.methods import DataFormat
+
     script = spec.script
     if spec.mixture.get("datasets"):
         # DatasetMixtureConfig turns the entries into objects in place; keep the recipe's dicts.
         data = get_dataset(DatasetMixtureConfig(**copy.deepcopy(spec.mixture)))
     else:
         data = load_dataset(script["dataset_name"], name=script.get("dataset_config"),
+                            revision=spec.stagesweep.dataset_revision,
                             streaming=bool(script.get("dataset_streaming")))
     train_split = script.get("dataset_train_split", "train")
     test_split = script.get("dataset_test_split", "test")
@@ -398,7 +422,38 @@ def _load_data(spec: Recipe, args: Any) -> tuple[Any, Any]:
         )
     evaluating = str(getattr(args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO")
     eval_data = data[test_split] if evaluating and test_split in data else None
+    if data_format is not DataFormat.LANGUAGE_MODELING:
+        return conversational_pairs(data[train_split]), (
+            conversational_pairs(eval_data) if eval_data is not None else None)
     return data[train_split], eval_data
+
+
+def conversational_pairs(data: Any) -> Any:
+    """Give a preference table one format: a plain-text `prompt` beside conversational
+    `chosen`/`rejected` becomes conversational too.
+
+    TRL decides "conversational" from whichever of those keys it happens to inspect first
+    (`is_conversational` pops from a set), so a table like OLMo 2's preference mixes (a string
+    `prompt` next to message lists that already start with that prompt's user turn) would be
+    trained with or without the chat template depending on the process. Where the message lists
+    hold the whole conversation the string is a copy and is dropped (TRL then takes the shared
+    leading turns as the prompt); where they hold only the answer it becomes a user turn.
+    """
+    columns = list(data.column_names or [])
+    if "prompt" not in columns or "chosen" not in columns:
+        return data
+    first = next(iter(data))
+    chosen = first["chosen"]
+    if not isinstance(first["prompt"], str) or not _is_messages(chosen):
+        return data
+    if chosen[0].get("role") != "assistant":
+        return data.remove_columns("prompt")
+    return data.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+
+
+def _is_messages(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+            and "role" in value[0])
 
 
 def _manifest(spec: Recipe, parent: Parent, train_data: Any, args: Any) -> dict[str, Any]:
@@ -408,6 +463,8 @@ def _manifest(spec: Recipe, parent: Parent, train_data: Any, args: Any) -> dict[
         "method": spec.stagesweep.method.value,
         "trainer": spec.trainer_path,
         "parent": parent.manifest,
+        # every hub repository downloaded, as pinned (or "main" where the recipe allowed that)
+        "hub_revisions": {pin.hub_id: pin.revision or "main" for pin in hub_pins(spec)},
         "recipe": spec.resolved,
         "recipe_path": str(spec.path.resolve()),
         # datasets' content hash of the loaded split (changes with files, revision and split)
