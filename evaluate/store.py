@@ -181,8 +181,11 @@ class ResultStore:
         self.conn.close()
 
     def register_checkpoint(self, fingerprint: str, checkpoint: str, info: dict) -> None:
-        self._write("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)",
-                    [(fingerprint, checkpoint, json.dumps(info, sort_keys=True))])
+        row = (fingerprint, checkpoint, json.dumps(info, sort_keys=True))
+        # Written only when new: a run that is then refused leaves the store byte-identical.
+        if self.conn.execute("SELECT * FROM checkpoints WHERE fingerprint = ?",
+                             (fingerprint,)).fetchone() != row:
+            self._write("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)", [row])
 
     def existing(self, fingerprint: str) -> dict[tuple[str, int], tuple[str, str]]:
         """(unit_id, sample) -> (status, request_sha) of every stored row of a checkpoint."""

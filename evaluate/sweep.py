@@ -45,6 +45,7 @@ from stagesweep.safeio import (
     dir_lock,
     is_secret_key,
     redact,
+    remove_stale_temporaries,
     worker_lock,
     write_json,
     write_text,
@@ -404,6 +405,8 @@ def run_sweep(spec: str | Path | SweepSpec, checkpoints: list[str], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     check_stores(_store_paths(out))
     with dir_lock(out, shared=shard is not None):
+        if shard is None:
+            remove_stale_temporaries(out)
         return _sweep(spec, checkpoints, out, **options)
 
 
@@ -539,7 +542,7 @@ def _run_workers(spec: SweepSpec, out: Path, refs: list[CheckpointRef], n: int, 
     """Start n local worker processes, one shard each, and wait for all of them. They read
     the spec from a private copy (out/spec.yaml changes only once a run is accepted) and run
     under this process's lock of `out`."""
-    worker_spec = out / f".spec.workers.{os.getpid()}.yaml"
+    worker_spec = out / f".spec.workers.{os.getpid()}.tmp"
     _write_spec_copy(spec, worker_spec, redacted=False)
     cmd = [sys.executable, "-m", "stagesweep", "sweep", str(worker_spec), "--out", str(out),
            "--backend", backend]

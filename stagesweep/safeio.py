@@ -74,10 +74,28 @@ def redact(value: Any) -> Any:
     return value
 
 
+def remove_stale_temporaries(directory: Path | str) -> list[Path]:
+    """Delete temporary files (`.NAME.PID.tmp`) that a killed writer left in `directory`: a
+    SIGKILL cannot be caught, so the next run cleans up. Files of live processes are kept."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        match = re.fullmatch(r"\..+\.(\d+)\.tmp", tmp.name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
+
+
 def _disk_error(path: Path, err: OSError) -> Exception:
     from stagesweep.cli import UserError
 
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
         return UserError(f"cannot write {path}: {err.strerror}; free space or fix permissions "
                          "there and re-run (nothing written before was changed)")
     return err

@@ -3,13 +3,35 @@ full-byte fingerprints, the out-dir lock, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
-from stagesweep.cli import UserError
-from stagesweep.safeio import REDACTED, atomic_path, redact, redact_text, write_json, write_text
+from stagesweep.cli import UserError, main
+from stagesweep.safeio import (
+    LOCK_NAME,
+    REDACTED,
+    atomic_path,
+    redact,
+    redact_text,
+    remove_stale_temporaries,
+    write_json,
+    write_text,
+)
+from stagesweep.tiny_model import ensure_tiny_model
 
 
 def test_atomic_write_keeps_the_old_file_and_no_temporary_when_the_writer_fails(tmp_path):
@@ -57,3 +79,208 @@ def test_secret_keys_and_values_are_redacted_but_settings_are_not():
 def test_write_json_redacts(tmp_path):
     path = write_json(tmp_path / "p.json", {"token": "s3cret", "n": 1})
     assert json.loads(path.read_text()) == {"token": REDACTED, "n": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps on a tiny checkpoint: a 4-unit spec (2 targets x 1 draw x 2 cells) keeps these fast.
+
+REPO = Path(__file__).resolve().parent.parent
+POOLS = REPO / "stagesweep" / "data" / "pools"
+
+
+def _spec_data(**changes) -> dict:
+    data = {
+        "pools": {
+            "harmful": {"path": str(POOLS / "tiny_harmful.jsonl"),
+                        "columns": {"id": "id", "request": "request", "response": "response"}},
+            "benign": {"path": str(POOLS / "tiny_benign.jsonl"),
+                       "columns": {"id": "id", "request": "request", "response": "response"}},
+            "targets": {"path": str(POOLS / "tiny_targets.jsonl"),
+                        "columns": {"id": "id", "request": "request"}, "max_rows": 2},
+        },
+        "targets": "targets", "seed": 0, "draws": 1,
+        "designs": [{"type": "joint", "n_harmful": [0, 2], "n_benign": [2]}],
+        "generation": {"max_new_tokens": 4}, "judge": "refusal_strings", "backend": "hf",
+    }
+    data.update(changes)
+    return data
+
+
+def _write_spec(path: Path, **changes) -> Path:
+    path.write_text(yaml.safe_dump(_spec_data(**changes), sort_keys=False))
+    return path
+
+
+def _sweep_cmd(spec: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "stagesweep", "sweep", str(spec), "--checkpoint", str(ckpt),
+            "--out", str(out), "--no-prefix-sharing", *extra]
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, one_thread):
+    """A finished sweep of the 4-unit spec (the uninterrupted reference)."""
+    root = tmp_path_factory.mktemp("finished")
+    spec = _write_spec(root / "spec.yaml")
+    out = root / "out"
+    assert main(["sweep", str(spec), "--checkpoint", str(ensure_tiny_model("olmo3")), "--out",
+                 str(out), "--no-prefix-sharing", "--quiet"]) == 0
+    return spec, out, pd.read_parquet(out / "results.parquet")
+
+
+def _big_checkpoint(directory: Path) -> Path:
+    """The tiny olmo3 with an MLP wide enough that its weights file exceeds the 64 MiB above
+    which the old fingerprint only sampled blocks (attention tensors are 16 KiB of ~70 MB)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tiny = ensure_tiny_model("olmo3")
+    config = AutoConfig.from_pretrained(tiny)
+    config.intermediate_size = 45_056
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        shutil.copy(tiny / name, directory / name)
+    return directory
+
+
+def _overwrite_tensor(file: Path, name: str) -> None:
+    """Replace one tensor's bytes in place (same size, same inode), then set the file's mtime
+    back: only the content (and the ctime, which cannot be set) says it changed."""
+    header_len = int.from_bytes(file.read_bytes()[:8], "little")
+    header = json.loads(file.read_bytes()[8:8 + header_len])
+    start, end = header[name]["data_offsets"]
+    before = file.stat()
+    rng = np.random.default_rng(1)
+    with file.open("r+b") as f:
+        f.seek(8 + header_len + start)
+        f.write(rng.normal(0, 0.5, (end - start) // 4).astype(np.float32).tobytes())
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = file.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+def test_an_in_place_change_of_one_attention_tensor_regenerates_every_unit(
+        tmp_path, capsys, one_thread):
+    ckpt = _big_checkpoint(tmp_path / "big")
+    weights = ckpt / "model.safetensors"
+    assert weights.stat().st_size > 64 * 1024 * 1024
+    spec, out = _write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
+    args = ["sweep", str(spec), "--checkpoint", str(ckpt), "--out", str(out),
+            "--no-prefix-sharing"]
+
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "fingerprints: hashed weights" in first and "MB/s" in first
+    assert "generated 4, resumed 0" in first
+    assert main(args) == 0  # unchanged: the digest is reused, nothing is re-hashed or re-run
+    second = capsys.readouterr().out
+    assert "fingerprints: hashed" not in second and "generated 0, resumed 4" in second
+
+    _overwrite_tensor(weights, "model.layers.1.self_attn.q_proj.weight")
+    assert main(args) == 0
+    third = capsys.readouterr().out
+    assert "fingerprints: hashed weights" in third and "generated 4, resumed 0" in third
+    with sqlite3.connect(out / "sweep.sqlite") as conn:
+        per_fingerprint = conn.execute(
+            "SELECT COUNT(*) FROM results GROUP BY fingerprint").fetchall()
+    assert per_fingerprint == [(4,), (4,)]
+
+
+def test_fingerprint_command_prints_digests_and_throughput(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    payload = os.urandom(3_000_000)
+    (ckpt / "model.safetensors").write_bytes(payload)
+    (ckpt / "optimizer.pt").write_bytes(b"not weights")
+    assert main(["fingerprint", str(ckpt)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{hashlib.sha256(payload).hexdigest()}  {ckpt / 'model.safetensors'}"
+    assert re.fullmatch(r"hashed 3 MB in [\d.]+ s \(\d+ MB/s\)", lines[1]) and len(lines) == 2
+
+
+def test_a_second_sweep_into_a_busy_out_dir_stops_and_the_first_equals_an_uninterrupted_run(
+        finished, tmp_path):
+    spec, _, expected = finished
+    other = _write_spec(tmp_path / "other.yaml", seed=7)
+    out = tmp_path / "out"
+    ckpt = ensure_tiny_model("olmo3")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(_sweep_cmd(spec, ckpt, out, "--quiet"), env=env)
+    lock, deadline = out / LOCK_NAME, time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+        assert first.poll() is None, "the first sweep ended before it was seen holding the lock"
+        time.sleep(0.05)
+    second = subprocess.run(_sweep_cmd(other, ckpt, out, "--quiet"), env=env,
+                            capture_output=True, text=True)
+    assert first.wait(timeout=300) == 0
+    assert second.returncode == 2
+    assert second.stderr.strip() == (
+        f"stagesweep sweep: error: {out.resolve()} is in use by another sweep (pid "
+        f"{first.pid}); wait for it to finish or choose another --out")
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), expected)
+    assert yaml.safe_load((out / "spec.yaml").read_text())["seed"] == 0
+
+
+def test_shard_workers_of_one_sweep_share_its_lock(finished, tmp_path, one_thread):
+    spec, _, expected = finished
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--checkpoint", str(ensure_tiny_model("olmo3")), "--out",
+                 str(out), "--no-prefix-sharing", "--quiet", "--num-processes", "2"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), expected)
+    assert (out / LOCK_NAME).read_text() == ""  # released
+    assert not list(out.glob(".*.tmp"))  # the workers' private spec copy is gone
+
+
+def test_a_rejected_spec_change_leaves_the_spec_copy_alone(finished, tmp_path, capsys):
+    spec, done, _ = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    before = _snapshot(out)
+    changed = _write_spec(tmp_path / "changed.yaml", system_prompt="Be brief.")
+    assert main(["sweep", str(changed), "--checkpoint", str(ensure_tiny_model("olmo3")),
+                 "--out", str(out), "--no-prefix-sharing", "--quiet"]) == 2
+    assert "differ from this spec's" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_a_kill_during_export_leaves_the_previous_results_whole(finished, tmp_path):
+    _, done, expected = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    # The export of a real sweep, its parquet writer slowed down so the kill lands mid-write.
+    script = f"""
+import time, pandas as pd
+from pathlib import Path
+from stagesweep.evaluate.store import export_results
+real = pd.DataFrame.to_parquet
+def slow(self, path, **kw):
+    real(self, path, **kw)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:4])
+    time.sleep(60)
+pd.DataFrame.to_parquet = slow
+import sqlite3
+with sqlite3.connect({str(out / "sweep.sqlite")!r}) as conn:
+    fp = conn.execute("SELECT DISTINCT fingerprint FROM results").fetchone()[0]
+export_results([Path({str(out / "sweep.sqlite")!r})], [(fp, "olmo3", None, None)],
+               set(pd.read_parquet({str(out / "results.parquet")!r})["unit_id"]),
+               Path({str(out / "results.parquet")!r}))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+            p.stat().st_size == 4 for p in out.glob(".results.parquet.*.tmp")):
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), expected)
+    [stale] = out.glob(".results.parquet.*.tmp")  # a SIGKILL cannot be cleaned up after ...
+    assert remove_stale_temporaries(out) == [stale]  # ... so the next sweep removes it
