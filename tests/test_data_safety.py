@@ -284,3 +284,81 @@ export_results([Path({str(out / "sweep.sqlite")!r})], [(fp, "olmo3", None, None)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), expected)
     [stale] = out.glob(".results.parquet.*.tmp")  # a SIGKILL cannot be cleaned up after ...
     assert remove_stale_temporaries(out) == [stale]  # ... so the next sweep removes it
+
+
+def _bad_inputs(tmp: Path, ckpt: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (the sweep's arguments after the spec and --out, text its one error line names).
+    Each case writes what it needs under `tmp`."""
+    def spec(name: str, **changes) -> str:
+        return str(_write_spec(tmp / f"{name}.yaml", **changes))
+
+    def gen(**values) -> dict:
+        return {"generation": {"max_new_tokens": 4, **values}}
+
+    latin1 = tmp / "latin1.yaml"
+    latin1.write_bytes(_write_spec(tmp / "ok.yaml").read_bytes() + b"# caf\xe9\n")
+    pool = tmp / "latin1.jsonl"
+    pool.write_bytes(b'{"id": "q1", "request": "caf\xe9"}\n')
+    data = _spec_data()
+    data["pools"]["targets"]["path"] = str(pool)
+    (tmp / "pool.yaml").write_text(yaml.safe_dump(data))
+    empty = tmp / "empty-ckpt"
+    empty.mkdir()
+    corrupt = tmp / "corrupt-ckpt"
+    shutil.copytree(ckpt, corrupt)
+    weights = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp / "a-file").write_text("not a dir")
+    (tmp / "runs").mkdir()
+    ok, c = spec("ok"), ["--checkpoint", str(ckpt)]
+    phi = [{"type": "total_count", "n": [4], "phi": ["half"]}]
+    return {
+        "misspelt judge": ([spec("judge", judge="refusal_string"), *c], "judge 'refusal_string'"),
+        "max_new_tokens 0": ([spec("zero", **gen(max_new_tokens=0)), *c], "max_new_tokens"),
+        "max_new_tokens -5": ([spec("neg", **gen(max_new_tokens=-5)), *c], "max_new_tokens"),
+        "seed abc": ([spec("seed", seed="abc"), *c], "spec.seed is 'abc'"),
+        "draws two": ([spec("draws", draws="two"), *c], "spec.draws is 'two'"),
+        "phi half": ([spec("phi", designs=phi), *c], "designs[0].phi"),
+        "secret in spec": ([spec("key", backend_options={"api_key": "sk-planted"}), *c],
+                           "backend_options.api_key holds a secret"),
+        "max-kv-gb -1": ([ok, *c, "--max-kv-gb", "-1"], "--max-kv-gb"),
+        "shard with num-processes": ([ok, *c, "--shard", "0/2", "--num-processes", "2"],
+                                     "--shard"),
+        "non-UTF-8 spec": ([str(latin1), *c], "not UTF-8"),
+        "non-UTF-8 pool": ([str(tmp / "pool.yaml"), *c], "line 1 is not UTF-8"),
+        "dir without a model": ([ok, "--checkpoint", str(empty)], "holds no model"),
+        "corrupt safetensors": ([ok, "--checkpoint", str(corrupt)], "not a whole safetensors"),
+        "relative checkpoint": ([ok, "--checkpoint", "runs/sft"], "no such directory"),
+        "spec is a directory": ([str(tmp), *c], "is a directory"),
+    }
+
+
+def test_bad_inputs_are_one_line_exit_2_and_leave_the_out_dir_unchanged(
+        finished, tmp_path, capsys, monkeypatch):
+    _, done, _ = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    before = _snapshot(out)
+    monkeypatch.chdir(tmp_path)
+    cases = _bad_inputs(tmp_path, ensure_tiny_model("olmo3"))
+    for name, (args, expected) in cases.items():
+        code = main(["sweep", args[0], "--out", str(out), "--quiet", *args[1:]])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert len(err.splitlines()) == 1 and expected in err, (name, err)
+        assert _snapshot(out) == before, name
+
+    # an --out that is a file, and a damaged store (named with how to recover)
+    code = main(["sweep", str(_write_spec(tmp_path / "ok.yaml")), "--out",
+                 str(tmp_path / "a-file"), "--checkpoint", str(ensure_tiny_model("olmo3"))])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "is a file" in err
+    store = out / "sweep.sqlite"
+    store.write_bytes(store.read_bytes()[:3000])
+    before = _snapshot(out)
+    code = main(["sweep", str(tmp_path / "ok.yaml"), "--out", str(out), "--quiet",
+                 "--checkpoint", str(ensure_tiny_model("olmo3"))])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"result store {store} is damaged" in err and "move it aside" in err
+    assert _snapshot(out) == before
