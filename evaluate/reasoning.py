@@ -12,6 +12,9 @@ Families:
 - ``think`` (OLMo Think, Qwen3, DeepSeek-R1 style): ``<think>...</think>`` then the answer. OLMo
   Think's template opens the block in the generation prompt, so the completion may start inside
   it and show only the closing tag.
+- ``gemma4`` (Gemma 4): a thought in ``<|channel>thought\n...<channel|>`` before the answer. Both
+  markers are special tokens, so answers must be decoded with special tokens kept (the sweep does
+  for every family in `SPECIAL_TOKEN_FAMILIES`); a thought that never closes is no answer.
 - ``plain``: no trace; the whole text is the answer.
 """
 
@@ -19,7 +22,10 @@ from __future__ import annotations
 
 import re
 
-FAMILIES = ("harmony", "think", "plain")
+FAMILIES = ("harmony", "think", "gemma4", "plain")
+# Families whose trace markers are special tokens: their answers are split before any decoding
+# that skips special tokens would erase the boundary.
+SPECIAL_TOKEN_FAMILIES = ("harmony", "gemma4")
 
 # Harmony message boundaries; a final message ends at the first of these.
 _HARMONY_END = re.compile(r"<\|(?:end|return|call)\|>")
@@ -31,6 +37,11 @@ _HARMONY_ANALYSIS = re.compile(r"<\|channel\|>\s*analysis\s*<\|message\|>")
 # because the generation prompt already contained `<|start|>assistant`.
 _HARMONY_BARE_FINAL = re.compile(r"(?:^|assistant)final")
 _HARMONY_BARE_ANALYSIS = re.compile(r"^\s*analysis")
+
+_GEMMA4_OPEN = re.compile(r"<\|channel>(?:thought\n?)?")
+_GEMMA4_CLOSE = "<channel|>"
+# End-of-turn and document-end tokens a decoded answer may still carry.
+_GEMMA4_END = re.compile(r"(?:<turn\|>|<eos>)+\s*$")
 
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
@@ -45,6 +56,8 @@ def split_reasoning(text: str, family: str) -> tuple[str | None, str | None]:
         return _split_think(text)
     if family == "harmony":
         return _split_harmony(text)
+    if family == "gemma4":
+        return _split_gemma4(text)
     from stagesweep.cli import UserError
 
     raise UserError(f"unknown reasoning family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -61,6 +74,20 @@ def _split_think(text: str) -> tuple[str | None, str | None]:
     # No opening tag: the template opened the block and the completion starts inside it.
     reasoning = head.split(_THINK_OPEN, 1)[1] if _THINK_OPEN in head else head
     return reasoning.strip(), text[close + len(_THINK_CLOSE) :].strip()
+
+
+def _split_gemma4(text: str) -> tuple[str | None, str | None]:
+    text = _GEMMA4_END.sub("", text)
+    close = text.rfind(_GEMMA4_CLOSE)
+    opened = _GEMMA4_OPEN.search(text)
+    if close < 0:
+        if opened:  # a thought cut off before its channel closed never reached the answer
+            return text[opened.end() :].strip() or None, None
+        return None, text.strip()
+    head = text[:close]
+    opened = _GEMMA4_OPEN.search(head)
+    reasoning = head[opened.end() :] if opened else head
+    return reasoning.strip() or None, text[close + len(_GEMMA4_CLOSE) :].strip()
 
 
 def _split_harmony(text: str) -> tuple[str | None, str | None]:
@@ -99,7 +126,7 @@ def _split_harmony_bare(text: str) -> tuple[str | None, str | None]:
 
 def detect_family(tokenizer_or_template: object) -> str:
     """Guess the reasoning family from a tokenizer (its chat template and vocabulary) or from a
-    chat template string: harmony channels win over think tags; anything else is plain.
+    chat template string: harmony or Gemma 4 channels win over think tags; anything else is plain.
 
     Erring towards "think" is safe: an answer without think tags splits exactly as "plain".
     """
@@ -113,6 +140,8 @@ def detect_family(tokenizer_or_template: object) -> str:
         closes_think = get_vocab is not None and _THINK_CLOSE in get_vocab()
     if "<|channel|>" in template:
         return "harmony"
+    if "<|channel>" in template:
+        return "gemma4"
     if closes_think or _THINK_OPEN in template or _THINK_CLOSE in template:
         return "think"
     return "plain"

@@ -8,9 +8,11 @@ token ids and two backends can be compared answer for answer.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,10 @@ _INSANE_CONTEXT = 10**8
 
 
 def load_tokenizer(checkpoint: str, *, chat_template: str | None = None,
-                   trust_remote_code: bool = False) -> Any:
+                   trust_remote_code: bool = False, override: bool = False) -> Any:
     """The checkpoint's tokenizer, with `chat_template` (a stagesweep.chat_templates family
-    name or a .jinja file) replacing its template when given."""
+    name or a .jinja file) for a checkpoint that ships none. Replacing a template the checkpoint
+    has would measure another prompt format than the released one, so it needs `override`."""
     from transformers import AutoTokenizer
 
     try:
@@ -35,6 +38,12 @@ def load_tokenizer(checkpoint: str, *, chat_template: str | None = None,
     except OSError as err:
         raise UserError(f"cannot load a tokenizer from {checkpoint!r}: {err}") from None
     if chat_template:
+        if tok.chat_template and not override:
+            raise UserError(
+                f"checkpoint {checkpoint!r} has its own chat template; --chat-template "
+                f"{chat_template} (or the spec's chat_template) would replace it: pass "
+                "--override-chat-template to force that"
+            )
         if Path(chat_template).is_file():
             tok.chat_template = Path(chat_template).read_text()
         else:
@@ -50,6 +59,27 @@ def load_tokenizer(checkpoint: str, *, chat_template: str | None = None,
             "spec, or save one with tokenizer.chat_template = ... ; tokenizer.save_pretrained()"
         )
     return tok
+
+
+def today() -> str:
+    """The date a new sweep's prompts are rendered with (ISO); tests move this clock."""
+    return datetime.date.today().isoformat()
+
+
+def template_options(spec: SweepSpec) -> dict[str, Any]:
+    """What every template render receives: the sweep's one render date, as the `strftime_now`
+    that GPT-OSS-style templates call and as the `date_string` that Llama 3.x templates read,
+    then the spec's `chat_template_kwargs` (which win). Without a fixed date, a template that
+    asks for today's date renders other prompts tomorrow, and stages swept on different days
+    are no longer paired."""
+    day = datetime.date.fromisoformat(spec.render_date or today())
+    midnight = datetime.datetime.combine(day, datetime.time())
+
+    def strftime_now(fmt: str) -> str:
+        return midnight.strftime(fmt)
+
+    return {"strftime_now": strftime_now, "date_string": day.strftime("%d %b %Y"),
+            **spec.chat_template_kwargs}
 
 
 def template_sha(tokenizer: Any) -> str:
@@ -88,9 +118,23 @@ def build_messages(unit: WorkUnit, pools: dict[str, DemoPool], spec: SweepSpec,
     return messages
 
 
-def _apply(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def _template_renderer(tokenizer: Any) -> Callable[..., str]:
+    # transformers replaces callables passed to `apply_chat_template` by placeholder strings,
+    # so a fixed `strftime_now` reaches the template only through its compiled form. The rest
+    # of the context is what `apply_chat_template` gives a template: the special tokens.
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    template = _compile_jinja_template(tokenizer.get_chat_template())
+    tokens = dict(tokenizer.special_tokens_map)
+    return lambda messages, options: template.render(
+        messages=messages, tools=None, documents=None, add_generation_prompt=True,
+        **{**tokens, **options})
+
+
+def _apply(render: Callable[..., str], messages: list[dict[str, str]],
+           options: dict[str, Any]) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return render(messages, options)
     except Exception as err:  # jinja raises TemplateError; others raise ValueError
         if messages[0]["role"] != "system":
             raise UserError(f"the chat template refused the conversation: {err}") from None
@@ -98,14 +142,18 @@ def _apply(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     # the way Gemma's own template does.
     system, first, *rest = messages
     folded = {"role": "user", "content": f"{system['content']}\n\n{first['content']}"}
-    return tokenizer.apply_chat_template([folded, *rest], add_generation_prompt=True,
-                                         tokenize=False)
+    return render([folded, *rest], options)
+
+
+def render_text(tokenizer: Any, messages: list[dict[str, str]], spec: SweepSpec) -> str:
+    """One conversation rendered as the sweep renders it (date and template options fixed)."""
+    return _apply(_template_renderer(tokenizer), messages, template_options(spec))
 
 
 def render_prompt(tokenizer: Any, unit: WorkUnit, pools: dict[str, DemoPool],
                   spec: SweepSpec) -> tuple[str, list[int]]:
     """(prompt text, token ids) for one unit."""
-    text = _apply(tokenizer, build_messages(unit, pools, spec))
+    text = render_text(tokenizer, build_messages(unit, pools, spec), spec)
     return text, _encode(tokenizer, [text])[0]
 
 
@@ -114,7 +162,8 @@ def render_units(tokenizer: Any, units: list[WorkUnit], pools: dict[str, DemoPoo
     """Texts and ids of many units; tokenized in one batch call (the fast tokenizer runs it
     in parallel)."""
     indexes = {name: pool.index() for name, pool in pools.items()}
-    texts = [_apply(tokenizer, build_messages(u, pools, spec, indexes)) for u in units]
+    render, options = _template_renderer(tokenizer), template_options(spec)
+    texts = [_apply(render, build_messages(u, pools, spec, indexes), options) for u in units]
     return texts, _encode(tokenizer, texts)
 
 

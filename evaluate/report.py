@@ -212,7 +212,8 @@ DIFFS = ["from", "to", "Δb2", "95% CI", "p", "paired units"]
 
 
 def difference_rows(summary: dict) -> list[list[str]]:
-    return [[d["from"], d["to"], _fmt(d["delta_beta"]),
+    return [[d["from"], d["to"] + (" (template differs)" if d.get("template_differs") else ""),
+             _fmt(d["delta_beta"]),
              f"[{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]", _fmt(d["p_value"], "{:.2g}"),
              str(d.get("n_paired_units", "–"))] for d in summary["stage_differences"]]
 
@@ -245,6 +246,14 @@ def notes(summary: dict) -> list[str]:
     for d in summary["stage_differences"]:
         if d.get("skipped"):
             out.append(f"{d['from']} → {d['to']}: skipped: {d['skipped']}")
+        if d.get("template_differs"):
+            out.append(f"{d['from']} → {d['to']}: the chat templates differ outside their special "
+                       "tokens, so Δb2 mixes in a prompt change (render_with: NAME renders "
+                       "every checkpoint through one template)")
+    templates = summary.get("templates") or {}
+    for name, t in (templates.get("checkpoints") or {}).items():
+        out.append(f"{name}: rendered with chat template {t['template']} (sha {t['sha']}), "
+                   f"date {templates.get('render_date')}")
     return out
 
 

@@ -77,6 +77,17 @@ class Order(StrEnum):
     PREFIX_NESTED = "prefix_nested"
 
 
+class Fit(StrEnum):
+    """What a sweep does when rendered prompts overflow a checkpoint's context window. Dropping
+    single overflowing rows would fall on the large-N cells and long queries and bias b2."""
+
+    ERROR = "error"  # stop before any compute, naming the cells, checkpoint and window
+    # One per-demo token budget for the whole sweep, so that the largest cell fits the
+    # smallest window and every cell keeps the same demos for every checkpoint.
+    TRUNCATE_DEMOS = "truncate_demos"
+    DROP_CELLS = "drop_cells"  # drop whole cells for every checkpoint and query
+
+
 @dataclass
 class PoolSpec:
     """Where a pool's rows come from and which columns hold what.
@@ -163,6 +174,15 @@ class SweepSpec:
     trust_remote_code: bool = False
     # Cap below the model's own context (e.g. a server started with a smaller --max-model-len).
     max_context_tokens: int | None = None
+    # The date every template renders (YYYY-MM-DD); default: the day of the sweep's first run,
+    # recorded in its out dir, so a resumed or later-stage sweep renders the same prompts.
+    render_date: str | None = None
+    # Extra template variables for every render (GPT-OSS `reasoning_effort`, `enable_thinking`).
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Render every checkpoint through this checkpoint's template (name or source), so a prompt
+    # change between stages' templates does not mix into the stage comparison.
+    render_with: str | None = None
+    fit: Fit = Fit.ERROR
     source: Path | None = None
 
     @property
@@ -290,6 +310,8 @@ def parse_spec(data: dict, source: Path | None = None) -> SweepSpec:
     spec.contexts = _enum(Contexts, spec.contexts, "contexts", file)
     spec.order = _enum(Order, spec.order, "order", file)
     spec.packing = _enum(Packing, spec.packing, "packing", file)
+    spec.fit = _enum(Fit, spec.fit, "fit", file)
+    _check_rendering(spec, file)
     spec.source = source
     for name in spec.target_pools:
         if name not in pools:
@@ -297,6 +319,25 @@ def parse_spec(data: dict, source: Path | None = None) -> SweepSpec:
     if spec.draws < 1:
         raise UserError(f"{file}: draws must be at least 1")
     return spec
+
+
+def _check_rendering(spec: SweepSpec, file: str) -> None:
+    if spec.render_date is not None:
+        import datetime
+
+        value = spec.render_date  # YAML reads an unquoted 2025-06-28 as a date
+        text = value.isoformat() if isinstance(value, datetime.date) else str(value)
+        try:
+            spec.render_date = datetime.date.fromisoformat(text).isoformat()
+        except ValueError:
+            raise UserError(
+                f"{file}: render_date is {value!r}; write a date as YYYY-MM-DD"
+            ) from None
+    if not isinstance(spec.chat_template_kwargs, dict) or not all(
+        isinstance(k, str) and k.isidentifier() for k in spec.chat_template_kwargs
+    ):
+        raise UserError(f"{file}: chat_template_kwargs must map template variable names to "
+                        "values, e.g. {reasoning_effort: low}")
 
 
 def _check_design(design: DesignSpec, where: str, file: str, pools: dict) -> None:

@@ -80,6 +80,8 @@ class CheckpointSetup:
     limit: int | None
     config: Any  # GenerationConfig with this checkpoint's stop ids
     settings: str
+    # Where its chat template came from: "own", a --chat-template name, or "render_with:NAME".
+    template_source: str = "own"
 
 
 def resolve_checkpoints(checkpoints: list[str], lineage: Path | None) -> list[CheckpointRef]:
@@ -140,7 +142,8 @@ def _local_dir(ref: CheckpointRef, weights: bool, allow_pickle: bool) -> tuple[P
 
 
 def setup_checkpoint(ref: CheckpointRef, spec: SweepSpec, *, weights: bool, allow_pickle: bool,
-                     chat_template: str | None,
+                     chat_template: str | None, override_chat_template: bool = False,
+                     render_with: tuple[str, Any] | None = None,
                      digests: DigestCache | None = None) -> CheckpointSetup:
     """Tokenizer, fingerprint and generation settings of one checkpoint; `digests=None` (a
     preview, which stores nothing) skips hashing the weights."""
@@ -152,8 +155,14 @@ def setup_checkpoint(ref: CheckpointRef, spec: SweepSpec, *, weights: bool, allo
     )
 
     local, revision = _local_dir(ref, weights, allow_pickle)
-    tok = load_tokenizer(str(local), chat_template=chat_template or spec.chat_template,
-                         trust_remote_code=spec.trust_remote_code)
+    named = chat_template or spec.chat_template
+    tok = load_tokenizer(str(local), chat_template=named,
+                         trust_remote_code=spec.trust_remote_code, override=override_chat_template)
+    source = named or "own"
+    if render_with is not None:
+        from stagesweep.evaluate.templates import adopt_template
+
+        source = adopt_template(tok, ref.name, *render_with)
     template = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(
         tok.chat_template, sort_keys=True)
     fingerprint = "" if digests is None else checkpoint_fingerprint(
@@ -166,7 +175,7 @@ def setup_checkpoint(ref: CheckpointRef, spec: SweepSpec, *, weights: bool, allo
     settings = json.dumps({"generation": dataclasses.asdict(config), "judge": spec.judge,
                            "judge_options": spec.judge_options, "family": family,
                            "context_limit": limit}, sort_keys=True, default=str)
-    return CheckpointSetup(ref, local, tok, fingerprint, family, limit, config, settings)
+    return CheckpointSetup(ref, local, tok, fingerprint, family, limit, config, settings, source)
 
 
 def _chunks(units: list[WorkUnit]) -> Iterator[list[WorkUnit]]:
@@ -213,7 +222,7 @@ def _generate_checkpoint(cs: CheckpointSetup, spec: SweepSpec, units: list[WorkU
     from tqdm.auto import tqdm
 
     from stagesweep.evaluate.backends.base import GenerationRequest, get_backend_class
-    from stagesweep.evaluate.reasoning import split_reasoning
+    from stagesweep.evaluate.reasoning import SPECIAL_TOKEN_FAMILIES, split_reasoning
     from stagesweep.evaluate.render import render_units
 
     existing = _read_existing(stores, cs.fingerprint)
@@ -264,7 +273,7 @@ def _generate_checkpoint(cs: CheckpointSetup, spec: SweepSpec, units: list[WorkU
             batch = []
             for gen in backend.generate(requests, cs.config, progress=bar.update):
                 text = gen.text
-                if gen.token_ids and cs.family != "harmony":
+                if gen.token_ids and cs.family not in SPECIAL_TOKEN_FAMILIES:
                     # Served backends return text with special tokens skipped; match them.
                     text = cs.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
                 reasoning, final = split_reasoning(text, cs.family)
@@ -458,7 +467,8 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
            lineage: Path | None = None, retry_failed: bool = False,
            prefix_sharing: bool = True, max_kv_gb: float | None = None,
            num_processes: int = 1, progress: bool = True, allow_pickle: bool = False,
-           chat_template: str | None = None, shard: tuple[int, int] | None = None) -> Path:
+           chat_template: str | None = None, shard: tuple[int, int] | None = None,
+           override_chat_template: bool = False) -> Path:
     """The sweep itself, run under `out`'s lock.
 
     `shard=(i, n)` runs only shard i of n (a worker of `num_processes` or of a torchrun/multi-
@@ -470,8 +480,16 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     refs = resolve_checkpoints(list(checkpoints), Path(lineage) if lineage else None)
+    from stagesweep.evaluate.templates import fit_to_windows, recorded_render_date
+
+    spec.render_date = recorded_render_date(out, spec, record=shard is None)
     pools = load_pools(spec)
     units = build_plan(spec, pools)
+    templates = {"chat_template": chat_template, "override_chat_template": override_chat_template}
+    reference = _render_with_reference(spec, refs, templates)
+    units, pools = fit_to_windows(spec, units, pools, [
+        setup_checkpoint(ref, spec, weights=False, allow_pickle=allow_pickle,
+                         render_with=reference, **templates) for ref in refs])
     backend_name = backend or spec.backend
     opts = {
         "backend": backend_name, "base_url": base_url or spec.backend_options.get("base_url"),
@@ -479,6 +497,7 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
         "trust_remote_code": spec.trust_remote_code, "allow_pickle": allow_pickle,
         "prefix_sharing": prefix_sharing, "max_kv_gb": max_kv_gb,
         "retry_failed": retry_failed, "progress": progress,
+        "override_chat_template": override_chat_template,
     }
     if not progress:
         from transformers.utils import logging as hf_logging
@@ -494,9 +513,10 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
         mine = shard_units(units, *shard) if shard else units
         store_path = out / (f"sweep.shard{shard[0]}of{shard[1]}.sqlite" if shard
                             else "sweep.sqlite")
-    setups = [setup_checkpoint(ref, spec, weights=backend_name == "hf" and store_path is not None,
-                               allow_pickle=allow_pickle, chat_template=chat_template,
-                               digests=digests)
+    in_process = backend_name != "openai"  # it loads the weights itself
+    setups = [setup_checkpoint(ref, spec, weights=in_process and store_path is not None,
+                               allow_pickle=allow_pickle, digests=digests,
+                               render_with=reference, **templates)
               for ref in refs]
     if progress and digests.bytes_hashed:
         print(f"fingerprints: hashed weights, {digests.throughput()}")
@@ -537,6 +557,15 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
     return results
 
 
+def _render_with_reference(spec: SweepSpec, refs: list[CheckpointRef],
+                           templates: dict) -> tuple[str, Any] | None:
+    """(name, tokenizer) of the spec's `render_with` checkpoint, or None."""
+    from stagesweep.evaluate.templates import render_with_reference
+
+    return render_with_reference(spec, refs, lambda ref: setup_checkpoint(
+        ref, spec, weights=False, allow_pickle=False, **templates).tokenizer)
+
+
 def _run_workers(spec: SweepSpec, out: Path, refs: list[CheckpointRef], n: int, backend: str,
                  opts: dict, chat_template: str | None) -> None:
     """Start n local worker processes, one shard each, and wait for all of them. They read
@@ -550,7 +579,8 @@ def _run_workers(spec: SweepSpec, out: Path, refs: list[CheckpointRef], n: int, 
         cmd += ["--checkpoint", ref.source]
     for flag, on in (("--retry-failed", opts["retry_failed"]),
                      ("--no-prefix-sharing", not opts["prefix_sharing"]),
-                     ("--allow-pickle", opts["allow_pickle"])):
+                     ("--allow-pickle", opts["allow_pickle"]),
+                     ("--override-chat-template", opts["override_chat_template"])):
         if on:
             cmd.append(flag)
     for flag, value in (("--base-url", opts["base_url"]), ("--max-kv-gb", opts["max_kv_gb"]),
@@ -594,8 +624,9 @@ def _provenance(cs: CheckpointSetup) -> dict:
 
     return {"name": cs.ref.name, "source": cs.ref.source, "stage": cs.ref.stage,
             "step": cs.ref.step, "fingerprint": cs.fingerprint,
-            "chat_template_sha": template_sha(cs.tokenizer), "reasoning_family": cs.family,
-            "context_limit": cs.limit, "generation": json.loads(cs.settings)}
+            "chat_template_sha": template_sha(cs.tokenizer), "chat_template": cs.template_source,
+            "reasoning_family": cs.family, "context_limit": cs.limit,
+            "generation": json.loads(cs.settings)}
 
 
 def _write_provenance(out: Path, spec: SweepSpec, setups: list[CheckpointSetup],
@@ -603,6 +634,8 @@ def _write_provenance(out: Path, spec: SweepSpec, setups: list[CheckpointSetup],
     import importlib.metadata as md
 
     import pandas as pd
+
+    from stagesweep.evaluate.templates import describe_differences, template_record
 
     versions = {}
     for lib in ("stagesweep", "torch", "transformers", "datasets", "tokenizers", "trl"):
@@ -614,8 +647,11 @@ def _write_provenance(out: Path, spec: SweepSpec, setups: list[CheckpointSetup],
         "spec_source": str(spec.source) if spec.source else None,
         "backend": backend, "units_per_design": plan_summary(units), "versions": versions,
         "checkpoints": [_provenance(cs) for cs in setups],
+        "templates": template_record(spec, setups),
     }
     write_json(out / "provenance.json", record)
+    for line in describe_differences(record["templates"]):
+        print(f"warning: {line}")
     plan = pd.DataFrame([{**{k: v for k, v in dataclasses.asdict(u).items() if k != "demos"},
                           "demos": [f"{p}:{i}" for p, i in u.demos]} for u in units])
     with atomic_path(out / "plan.parquet") as tmp:
@@ -640,18 +676,28 @@ def _showcase(units: list[WorkUnit], k: int) -> list[WorkUnit]:
 
 def preview(spec: str | Path | SweepSpec, checkpoints: list[str], *,
             lineage: Path | None = None, chat_template: str | None = None,
-            dry_run: bool = True, show_prompts: int = 0) -> dict[str, dict]:
+            dry_run: bool = True, show_prompts: int = 0, out: Path | None = None,
+            override_chat_template: bool = False) -> dict[str, dict]:
     """Print the plan (units per design; per checkpoint prompt-length statistics and the
     overflow count) and/or K rendered prompts, loading only tokenizers and configs.
     Returns the per-checkpoint statistics."""
     import numpy as np
 
     from stagesweep.evaluate.render import render_units
+    from stagesweep.evaluate.templates import print_fit, print_templates, recorded_render_date
 
     spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
     refs = resolve_checkpoints(list(checkpoints), Path(lineage) if lineage else None)
+    spec.render_date = recorded_render_date(out, spec, record=False)
     pools = load_pools(spec)
     units = build_plan(spec, pools)
+    templates = {"chat_template": chat_template, "override_chat_template": override_chat_template}
+    reference = _render_with_reference(spec, refs, templates)
+    setups = [setup_checkpoint(ref, spec, weights=False, allow_pickle=False,
+                               render_with=reference, **templates) for ref in refs]
+    if dry_run:
+        print_templates(spec, setups)
+        units, pools = print_fit(spec, units, pools, setups)
     summary = plan_summary(units)
     if dry_run:
         print(f"plan: {len(units)} units per checkpoint "
@@ -659,9 +705,7 @@ def preview(spec: str | Path | SweepSpec, checkpoints: list[str], *,
               f"{len({u.query_id for u in units})} target queries x {spec.draws} draws, "
               f"contexts {spec.contexts.value}; {len(refs)} checkpoint(s)")
     stats: dict[str, dict] = {}
-    for ref in refs:
-        cs = setup_checkpoint(ref, spec, weights=False, allow_pickle=False,
-                              chat_template=chat_template)
+    for ref, cs in zip(refs, setups, strict=True):
         if dry_run:
             lengths = np.array([len(ids) for chunk in _chunks(units)
                                 for ids in render_units(cs.tokenizer, chunk, pools, spec)[1]])

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="allow pickled .bin weights (they can run code when loaded)")
     p.add_argument("--chat-template", metavar="NAME",
                    help="chat template for checkpoints without one (family name or .jinja file)")
+    p.add_argument("--override-chat-template", action="store_true",
+                   help="let --chat-template (or the spec's chat_template) replace a template "
+                   "the checkpoint ships (the summary then names the template used)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     p.set_defaults(func=handle)
 
@@ -66,7 +69,8 @@ def handle(args: argparse.Namespace) -> int:
     if args.dry_run or args.show_prompts:
         preview(args.spec, args.checkpoint, lineage=args.lineage,
                 chat_template=args.chat_template, dry_run=args.dry_run,
-                show_prompts=args.show_prompts)
+                show_prompts=args.show_prompts, out=Path(args.out),
+                override_chat_template=args.override_chat_template)
         return 0
     run_sweep(
         args.spec, args.checkpoint, Path(args.out), backend=args.backend,
@@ -74,6 +78,6 @@ def handle(args: argparse.Namespace) -> int:
         prefix_sharing=not args.no_prefix_sharing, max_kv_gb=args.max_kv_gb,
         num_processes=args.num_processes, progress=not args.quiet,
         allow_pickle=args.allow_pickle, chat_template=args.chat_template,
-        shard=_parse_shard(args.shard),
+        shard=_parse_shard(args.shard), override_chat_template=args.override_chat_template,
     )
     return 0

@@ -36,8 +36,17 @@ class ChatFamily:
     """How `stagesweep.evaluate.reasoning.split_reasoning` reads this family's answers."""
 
 
-# OLMo 3 (Instruct/Think share the ChatML turns): `<|im_start|>role\n...<|im_end|>\n`.
+# OLMo 3 Instruct (Think shares the ChatML turns): `<|im_start|>role\n...<|im_end|>\n`. Like the
+# released template, a conversation without a system message gets the default one, so a sweep
+# without `system_prompt` sees what the released checkpoint sees.
+OLMO3_DEFAULT_SYSTEM = (
+    "You are a helpful function-calling AI assistant. "
+    "You do not currently have access to any functions. <functions></functions>"
+)
 OLMO3_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\n" + OLMO3_DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{ '<|im_start|>assistant\\n' }}"
@@ -50,9 +59,23 @@ OLMO3_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
-# Llama 3: bos, then `<|start_header_id|>role<|end_header_id|>\n\n` + trimmed content + eot.
+# Llama 3.1 Instruct: bos, then a system header that is always emitted with the knowledge cutoff
+# and `Today Date: <date_string>` (the released default `26 Jul 2024` when the renderer passes
+# none), a caller's system prompt after those lines; then
+# `<|start_header_id|>role<|end_header_id|>\n\n` + trimmed content + eot per turn.
 LLAMA3_TEMPLATE = (
     "{{- bos_token -}}"
+    "{%- if date_string is not defined -%}{%- set date_string = '26 Jul 2024' -%}{%- endif -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = messages[0]['content'] | trim -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_message = '' -%}"
+    "{%- endif -%}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{ 'Cutting Knowledge Date: December 2023\\n' }}"
+    "{{ 'Today Date: ' + date_string + '\\n\\n' }}"
+    "{{ system_message + '<|eot_id|>' }}"
     "{%- for message in messages -%}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -93,15 +116,47 @@ GEMMA_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
 
+# Gemma 4: `<|turn>role\n...<turn|>\n` turns with a real system role, the assistant called
+# `model`. `enable_thinking` puts `<|think|>` at the start of the system turn; the model then
+# writes its thought as `<|channel>thought\n...<channel|>` before the answer. Earlier model turns
+# carry only their answers (thoughts are not replayed), as in the released template.
+GEMMA4_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = messages[0]['content'] | trim -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_message = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- if enable_thinking or system_message -%}"
+    "{{ '<|turn>system\\n' + ('<|think|>' if enable_thinking else '') + system_message }}"
+    "{{ '<turn|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<|turn>' + role + '\\n' }}"
+    "{%- if role == 'model' -%}"
+    "{%- generation -%}{{ message['content'] | trim + '<turn|>' }}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{ message['content'] | trim + '<turn|>' }}"
+    "{%- endif -%}"
+    "{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
+)
+
 # GPT-OSS harmony: a system header naming the channels, the caller's system prompt as a
 # developer message, assistant answers in the `final` channel. The generation prompt stops at
 # `<|start|>assistant`, so the model itself opens `<|channel|>analysis` and later `final`.
 # A trained-on last assistant turn ends in `<|return|>` (what the model must learn to emit);
 # earlier ones end in `<|end|>`, and only the last turn keeps its `thinking`, like the original.
-# The date is fixed (the original uses today's) so the template hash is stable across days.
+# `Current date:` comes from `strftime_now`, as in the released template; the sweep passes one
+# render date per sweep so prompts do not change from one day to the next.
 HARMONY_TEMPLATE = (
     "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\\n"
-    "Knowledge cutoff: 2024-06\\nCurrent date: 2025-06-28\\n\\nReasoning: ' -}}"
+    "Knowledge cutoff: 2024-06\\nCurrent date: ' + strftime_now('%Y-%m-%d') -}}"
+    "{{- '\\n\\nReasoning: ' -}}"
     "{{- reasoning_effort | default('medium') -}}"
     "{{- '\\n\\n# Valid channels: analysis, commentary, final. "
     "Channel must be included for every message.<|end|>' -}}"
@@ -162,6 +217,25 @@ FAMILIES: dict[str, ChatFamily] = {
             special_tokens=("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
             extra_stop=("<eos>",),
             bos="<bos>",
+        ),
+        ChatFamily(
+            name="gemma4",
+            template=GEMMA4_TEMPLATE,
+            end_of_turn="<turn|>",
+            pad="<pad>",
+            special_tokens=(
+                "<pad>",
+                "<eos>",
+                "<bos>",
+                "<|turn>",
+                "<turn|>",
+                "<|think|>",
+                "<|channel>",
+                "<channel|>",
+            ),
+            extra_stop=("<eos>",),
+            bos="<bos>",
+            reasoning_family="gemma4",
         ),
         ChatFamily(
             name="harmony",

@@ -24,7 +24,7 @@ from typing import Any
 from stagesweep.chat_templates import FAMILIES, ChatFamily
 
 # Bump when the build changes in a way the corpus hash does not capture (configs, tokens).
-BUILD_FORMAT = "3"
+BUILD_FORMAT = "4"
 MANIFEST = "stagesweep_tiny.json"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CORPUS = DATA_DIR / "corpus.txt"
@@ -87,6 +87,20 @@ def _gemma(size: Size, ids: dict[str, int]) -> Any:
     )
 
 
+def _gemma4(size: Size, ids: dict[str, int]) -> Any:
+    from transformers import Gemma4TextConfig
+
+    # Gemma 4's text decoder, its sliding and full attention layers both in use, without the
+    # per-layer input embeddings of the small on-device variants.
+    return Gemma4TextConfig(
+        **_common(size, ids),
+        head_dim=size.head_dim,
+        sliding_window=512,
+        hidden_size_per_layer_input=0,
+        layer_types=["sliding_attention", "full_attention"] * (size.num_hidden_layers // 2),
+    )
+
+
 def _gpt_oss(size: Size, ids: dict[str, int]) -> Any:
     from transformers import GptOssConfig
 
@@ -135,6 +149,7 @@ ARCHS: dict[str, Arch] = {
         Arch("olmo3", "olmo3", _olmo3),
         Arch("llama", "llama3", _llama),
         Arch("gemma", "gemma", _gemma),
+        Arch("gemma4", "gemma4", _gemma4),
         Arch("gpt-oss", "harmony", _gpt_oss),
     )
 }

@@ -98,7 +98,7 @@ def test_plain_keeps_everything():
 
 
 def test_unknown_family_is_a_user_error():
-    with pytest.raises(UserError, match="harmony, think, plain"):
+    with pytest.raises(UserError, match="harmony, think, gemma4, plain"):
         split_reasoning("x", "chain-of-thought")
 
 

@@ -101,7 +101,8 @@ def test_system_prompt_folded_when_template_has_no_system_role(tmp_path):
         "{{ raise_exception('System role not supported') }}{%- endif -%}"
         "{{ '[' + m['role'] + ']' + m['content'] + '\\n' }}{%- endfor -%}"
         "{%- if add_generation_prompt -%}[assistant]{%- endif -%}")
-    tok = load_tokenizer(str(ensure_tiny_model("llama")), chat_template=str(strict))
+    tok = load_tokenizer(str(ensure_tiny_model("llama")), chat_template=str(strict),
+                         override=True)
     text, ids = render_prompt(tok, unit, pools, spec)
     assert text.startswith("[user]Be careful.\n\n")
     assert ids == tok(text, add_special_tokens=False)["input_ids"]

@@ -16,15 +16,21 @@ CONVERSATION = [
 
 # arch -> (rendered conversation with a generation prompt, end-of-turn token, reasoning family)
 EXPECTED = {
+    # OLMo 3 Instruct's default system prompt when the conversation has none
     "olmo3": (
+        "<|im_start|>system\nYou are a helpful function-calling AI assistant. You do not "
+        "currently have access to any functions. <functions></functions><|im_end|>\n"
         "<|im_start|>user\nHow do I cook rice?<|im_end|>\n"
         "<|im_start|>assistant\nUse two cups of water per cup of rice.<|im_end|>\n"
         "<|im_start|>user\nAnd lentils?<|im_end|>\n<|im_start|>assistant\n",
         "<|im_end|>",
         "plain",
     ),
+    # Llama 3.1: the system header with both date lines is always there
     "llama": (
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHow do I cook rice?<|eot_id|>"
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHow do I cook rice?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
         "Use two cups of water per cup of rice.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nAnd lentils?<|eot_id|>"
@@ -38,6 +44,13 @@ EXPECTED = {
         "<start_of_turn>user\nAnd lentils?<end_of_turn>\n<start_of_turn>model\n",
         "<end_of_turn>",
         "plain",
+    ),
+    "gemma4": (
+        "<bos><|turn>user\nHow do I cook rice?<turn|>\n"
+        "<|turn>model\nUse two cups of water per cup of rice.<turn|>\n"
+        "<|turn>user\nAnd lentils?<turn|>\n<|turn>model\n",
+        "<turn|>",
+        "gemma4",
     ),
     "gpt-oss": (
         "<|start|>user<|message|>How do I cook rice?<|end|>"

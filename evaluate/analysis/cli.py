@@ -57,6 +57,11 @@ def handler(args) -> int:
     summary = analyze(args.results, args.out, alpha=args.alpha, pairs=args.pair,
                       cluster=args.cluster, designs=args.designs, sesoi_pp=args.sesoi_pp)
     print(format_summary(summary))
+    if summary.get("templates"):
+        from stagesweep.evaluate.templates import describe_differences
+
+        for line in describe_differences(summary["templates"]):
+            print(f"warning: {line}")
     print(f"wrote {args.out / 'summary.json'} and tables")
     return 0
 

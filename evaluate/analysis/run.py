@@ -24,6 +24,7 @@ from stagesweep.evaluate.analysis.stages import (
     consecutive_pairs,
     stage_difference,
 )
+from stagesweep.evaluate.templates import templates_summary
 
 
 def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str,
@@ -126,6 +127,8 @@ def analyze(
             wanted.append((a, b))
     differences = [stage_difference(usable_rows, a, b, alpha=alpha, cluster=mode)
                    for a, b in wanted]
+    templates = None if isinstance(results, pd.DataFrame) else templates_summary(
+        Path(results), differences)  # chat templates the sweep rendered with (provenance)
     b2 = [{"checkpoint": n, "stage": checkpoints[n]["stage"], "step": checkpoints[n]["step"],
            **{k: checkpoints[n]["benign_effect"].get(k)
               for k in ("beta", "ci_low", "ci_high", "p_value", "direction", "verdict")}}
@@ -137,6 +140,7 @@ def analyze(
         "stage_differences": differences,
         "b2_by_checkpoint": b2,
         "trajectory": trajectory,
+        "templates": templates,
         "settings": {"alpha": alpha, "sesoi_pp": sesoi_pp, "clustering": mode, "source": source,
                      "order": order, "model": "logit P = b0 + b1 log(N_h+1) + b2 log(N_b+1)"},
     })
