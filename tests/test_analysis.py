@@ -135,7 +135,8 @@ def test_excluded_rows_are_counted_and_kept_out_of_the_fits(tmp_path):
     out = analysis.analyze(frame, tmp_path)["checkpoints"]["sft"]
     assert out["excluded"] == {"overflow": 10, "unparsed": 3, "complied_missing": 2}
     assert out["n_units"] == len(frame) - 15
-    assert out["benign_effect"]["n_obs"] == len(frame) - 15
+    # the zero-demo prompt is the same in both draws: fitted once per query
+    assert out["benign_effect"]["n_obs"] == out["n_distinct_prompts"] == len(frame) - 15 - 24
 
 
 def test_baseline_ordering_format_and_judge_agreement(tmp_path):
@@ -148,7 +149,7 @@ def test_baseline_ordering_format_and_judge_agreement(tmp_path):
     flip = rng.random(len(second)) < 0.1
     second.loc[flip, "complied"] = 1 - second.loc[flip, "complied"]
     out = analysis.analyze(pd.concat([frame, second]), tmp_path)["checkpoints"]["model"]
-    assert out["baseline"]["n"] == 30 * 2
+    assert out["baseline"]["n"] == 30  # the bare target is one prompt per query
     (phi,) = out["ordering"]["by_phi"]
     assert phi["phi"] == 0.5 and [r["schedule"] for r in phi["rates"]] == [
         "prefix", "random", "suffix"]
@@ -211,7 +212,7 @@ def test_design_roles_follow_the_table_not_the_names(tmp_path):
     out = analysis.analyze(both, tmp_path)["checkpoints"]["model"]
     assert out["fit_designs"] == ["joint"]
     assert out["benign_effect"]["direction"] == "amplification"
-    assert out["benign_effect"]["n_obs"] == 20 * 2 * 16
+    assert out["benign_effect"]["n_obs"] == 20 * 2 * 16 - 20  # zero-demo prompt once per query
     by_design = out["benign_effect_by_design"]
     assert by_design["ablation_orbench"]["direction"] == "dilution"
     assert [r["schedule"] for r in out["ordering"]["by_phi"][0]["rates"]] == ["prefix", "suffix"]

@@ -39,6 +39,11 @@ def register(subparsers) -> None:
         "count design except those named ablation*, which are fitted separately)",
     )
     parser.add_argument(
+        "--primary", type=_pair, metavar="FROM:TO",
+        help="the pre-specified stage contrast: tested even if not consecutive and marked "
+        "`primary` (the others are exploratory; all carry Holm-adjusted p-values)",
+    )
+    parser.add_argument(
         "--sesoi-pp", type=float, default=2.0, metavar="PP",
         help="smallest effect of interest in percentage points: the verdict is `negligible` "
         "when the effect's interval lies inside +-PP (TOST; default 2)",
@@ -55,7 +60,8 @@ def handler(args) -> int:
     if not args.sesoi_pp > 0:
         raise UserError(f"--sesoi-pp must be a positive number of points (got {args.sesoi_pp})")
     summary = analyze(args.results, args.out, alpha=args.alpha, pairs=args.pair,
-                      cluster=args.cluster, designs=args.designs, sesoi_pp=args.sesoi_pp)
+                      cluster=args.cluster, designs=args.designs, sesoi_pp=args.sesoi_pp,
+                      primary=args.primary)
     print(format_summary(summary))
     if summary.get("templates"):
         from stagesweep.evaluate.templates import describe_differences

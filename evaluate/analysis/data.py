@@ -15,7 +15,7 @@ REQUIRED = ("checkpoint", "query_id", "n_harmful", "n_benign", "complied")
 
 
 OPTIONAL = ("unit_id", "draw", "stage", "step", "design", "schedule", "opening",
-            "format_adopted", "judge", "status", "contexts")
+            "format_adopted", "judge", "status", "contexts", "prompt_sha")
 
 
 # Opening values that mean "demo answers left as they were" (no format manipulation).
@@ -43,7 +43,9 @@ def load_results(path: Path) -> pd.DataFrame:
                 f"{path}: no results.parquet in this dir or below it; pass a sweep output dir "
                 "or a CSV/Parquet table"
             )
-        return pd.concat([read_sweep(f) for f in files], ignore_index=True)
+        frames = [read_sweep(f) for f in files]
+        refuse_copies(frames, files)
+        return pd.concat(frames, ignore_index=True)
     if not path.exists():
         raise user_error(f"{path}: no such file or directory")
     if path.suffix.lower() == ".csv":
@@ -51,6 +53,35 @@ def load_results(path: Path) -> pd.DataFrame:
     if path.suffix.lower() in (".parquet", ".pq"):
         return pd.read_parquet(path)
     raise user_error(f"{path}: unsupported table type {path.suffix!r}; use .csv or .parquet")
+
+
+def unit_identity(frame: pd.DataFrame) -> pd.Series | None:
+    """(checkpoint, unit id, judge) joined: a unit is answered once per checkpoint and judged
+    once per judge, so a repeat is a copy, never more data. None without unit ids."""
+    if "unit_id" not in frame.columns or frame["unit_id"].isna().all():
+        return None
+    judge = frame["judge"] if "judge" in frame.columns else pd.Series("", index=frame.index)
+    return (frame["checkpoint"].astype(str) + "\0" + frame["unit_id"].astype(str) + "\0"
+            + judge.fillna("").astype(str))
+
+
+def refuse_copies(frames: list[pd.DataFrame], files: list[Path]) -> None:
+    """Two results files holding the same units (a sweep copied into the folder twice) would
+    double every count and shrink every interval: refuse, naming both files."""
+    seen: dict[str, Path] = {}
+    for frame, file in zip(frames, files, strict=True):
+        ids = unit_identity(frame)
+        if ids is None:
+            continue
+        for key in ids.drop_duplicates():
+            if key in seen:
+                checkpoint, unit, _ = key.split("\0")
+                raise user_error(
+                    f"{seen[key]} and {file} both hold unit {unit!r} of checkpoint "
+                    f"{checkpoint!r}: the folder holds two copies of one sweep; move one out "
+                    "or analyse each file on its own"
+                )
+            seen[key] = file
 
 
 def read_sweep(results: Path) -> pd.DataFrame:
@@ -79,6 +110,15 @@ def validate(frame: pd.DataFrame, source: str, designs: list[str] | None = None)
             row = int(np.flatnonzero(frame[col].isna().to_numpy())[0])
             raise user_error(f"{source}: column {col!r} is empty in row {row}; fill it in")
     frame = frame.reset_index(drop=True)  # row labels must be unique for the key joins
+    ids = unit_identity(frame)
+    if ids is not None and ids.duplicated().any():
+        row = frame.loc[ids.duplicated()].iloc[0]
+        raise user_error(
+            f"{source}: unit_id {row['unit_id']!r} appears more than once for checkpoint "
+            f"{row['checkpoint']!r}" + (f" and judge {row['judge']!r}" if "judge" in frame
+                                        and pd.notna(row["judge"]) else "")
+            + "; each unit is answered once per checkpoint: drop the repeated rows"
+        )
     for col in OPTIONAL:
         if col not in frame.columns:
             frame[col] = None
@@ -151,10 +191,25 @@ def usable(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     return rows, excluded
 
 
+def distinct_prompts(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each distinct prompt once. A sweep exports a prompt shared by several designs (same
+    demos, order and target) under each design's label, with one `prompt_sha`; counting it once
+    per label would double its weight in a pooled fit. Without `prompt_sha`, the zero-demo
+    prompt (the bare target, the same in every draw and design) is kept once per query."""
+    if frame["prompt_sha"].notna().any():
+        sha = frame["prompt_sha"].astype(object).where(frame["prompt_sha"].notna(),
+                                                       frame.index.astype(str))
+        return frame[~(frame["checkpoint"].astype(str) + "\0" + sha.astype(str)).duplicated()]
+    zero = (frame["n_harmful"] == 0) & (frame["n_benign"] == 0)
+    repeat = zero & frame[["checkpoint", "query_id", "opening"]].astype(str).assign(
+        z=zero).duplicated()
+    return frame[~repeat]
+
+
 def count_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows behind the headline b2 and H_total fits (see `assign_roles`); ordering and format
     rows are analysed on their own so a schedule or opening effect never leaks into b2."""
-    return frame[frame["_headline"]]
+    return distinct_prompts(frame[frame["_headline"]])
 
 
 def choose_cluster(frame: pd.DataFrame, cluster: str) -> str:
@@ -189,7 +244,10 @@ def judge_split(frame: pd.DataFrame) -> tuple[pd.DataFrame, str | None, dict | N
 
 
 def unit_key(frame: pd.DataFrame) -> pd.Series:
-    """Identity of a prompt, independent of the checkpoint that answered it."""
+    """Identity of a prompt, independent of the checkpoint that answered it: its hash when the
+    sweep wrote one (one prompt, several designs' labels), else its unit id."""
+    if frame["prompt_sha"].notna().all():
+        return frame["prompt_sha"].astype(str)
     if frame["unit_id"].notna().all():
         return frame["unit_id"].astype(str)
     return prompt_key(frame)

@@ -19,12 +19,13 @@ def ordering_summary(frame: pd.DataFrame, alpha: float) -> tuple[dict, list[dict
     for phi, part in rows.groupby("phi", sort=True):
         schedule_rates = []
         for schedule, cell in part.groupby("schedule", sort=True):
-            rate = rates.rate_row(cell["complied"], alpha)
+            rate = rates.rate_row(cell, alpha)
             schedule_rates.append({"schedule": schedule, **rate})
             table.append({"phi": phi, "schedule": schedule, **rate})
         entry = {"phi": phi, "rates": schedule_rates,
                  "schedule_test": hypotheses.group_test(part, "schedule")}
-        entry["suffix_minus_prefix"] = rates.difference_pp(part, "suffix", "prefix", alpha)
+        entry["suffix_minus_prefix"] = rates.difference_pp(part, "schedule", "suffix", "prefix",
+                                                           alpha)
         by_phi.append(entry)
     return {"by_phi": by_phi}, table
 
@@ -40,7 +41,7 @@ def format_summary(frame: pd.DataFrame, alpha: float) -> tuple[dict, list[dict]]
     table = []
     for (opening, complied), cell in rows.groupby(["opening", "complied"], sort=True):
         within = "compliant" if complied else "refusals"
-        rate = rates.rate_row(cell["format_adopted"].astype(int), alpha)
+        rate = rates.rate_row(cell, alpha, "format_adopted")
         table.append({"opening": opening, "within": within, **rate})
     by_opening: dict[str, dict] = {}
     for row in table:

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from stagesweep.evaluate.analysis import rates
 from stagesweep.evaluate.analysis.fits import cluster_groups, design_columns, slope_problem
 
 
@@ -43,9 +44,12 @@ def h_total_tests(frame: pd.DataFrame, *, alpha: float) -> dict:
                 "n": int(counts["count"].sum()),
                 # the same test with query-clustered errors, for comparison with the study's
                 "clustered": group_test(cell, "n_harmful"),
+                # with thousands of prompts per cell a rejection says nothing about size
+                "largest_difference": largest_difference(cell, counts, alpha),
             }
         )
-    alpha_each = alpha / len(tests) if tests else None
+    # Bonferroni over the design's N values (those tested and those with identical outcomes)
+    alpha_each = alpha / (len(tests) + len(skipped)) if tests else None
     for test in tests:
         test["rejected"] = bool(test["p_value"] < alpha_each)
     out = {
@@ -64,6 +68,16 @@ def h_total_tests(frame: pd.DataFrame, *, alpha: float) -> dict:
             else "all outcomes identical at every N: H_total cannot be tested"
         )
     return out
+
+
+def largest_difference(cell: pd.DataFrame, counts: pd.DataFrame, alpha: float) -> dict:
+    """The size beside the chi-square: the highest minus the lowest rate across phi at this N,
+    in points, with a query-clustered interval (the pair is chosen by the data, so the
+    difference leans away from 0 when there is none; read it as an upper size)."""
+    share = counts["sum"] / counts["count"]
+    high, low = share.idxmax(), share.idxmin()
+    diff = rates.difference_pp(cell, "n_harmful", high, low, alpha) or {}
+    return {"n_harmful_high": int(high), "n_harmful_low": int(low), **diff}
 
 
 def model_comparison(frame: pd.DataFrame) -> dict:

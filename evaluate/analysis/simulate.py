@@ -20,6 +20,13 @@ JOINT_NB = (0, 4, 16, 64)
 STAGES_NH = (8, 16, 32)
 STAGES_NB = (0, 8, 16, 32, 64)
 SCHEDULES = ("prefix", "middle", "random", "interleave", "suffix")
+# recipes/sweeps/paper.yaml's count designs: their shared cells are one prompt in the sweep.
+PAPER_GRIDS = {
+    "total_count": sorted({(round(phi * n), n - round(phi * n))
+                           for n, phi in itertools.product((4, 8, 16, 32, 64, 128),
+                                                           TOTAL_COUNT_PHI)} | {(0, 0)}),
+    "joint": list(itertools.product((0, 8, 16, 32), (0, 8, 16, 32, 64))),
+}
 OPENINGS = ("Answer:", "Sure I can help with that!")
 
 
@@ -44,7 +51,7 @@ class SimSpec:
     slope stays b2: an uncentred random slope also bends the marginal curve toward 50% as N_b
     grows, which a marginal model would rightly report as an effect."""
 
-    design: str = "joint"  # total_count | joint | stages
+    design: str = "joint"  # total_count | joint | stages | paper (total_count + joint)
     queries: int = 40
     draws: int = 2
     b0: float = -1.0
@@ -60,6 +67,8 @@ class SimSpec:
     checkpoints: list[SimCheckpoint] = field(default_factory=list)
     ordering: dict[str, float] | None = None  # schedule -> logit offset, adds ordering rows
     format_adoption: tuple[float, float] | None = None  # P(adopt | refused), P(adopt | complied)
+    # informative exclusions: logit P(excluded) = e0 + e_nb log(N_b+1) + e_y [would comply]
+    exclusion: tuple[float, float, float] | None = None
     seed: int = 0
 
 
@@ -76,22 +85,37 @@ def grid(design: str) -> list[tuple[int, int]]:
     raise ValueError(f"unknown design {design!r}; choose total_count, joint or stages")
 
 
+def design_grids(design: str) -> dict[str, list[tuple[int, int]]]:
+    """The count designs a simulated sweep holds, each with its cells."""
+    if design == "paper":
+        return PAPER_GRIDS
+    return {"total_count" if design == "total_count" else "joint": grid(design)}
+
+
 def simulate(spec: SimSpec) -> pd.DataFrame:
-    """One results table with the sweep's columns (status ok everywhere)."""
+    """One results table with the sweep's columns. As in a sweep, a prompt is answered once:
+    the zero-demo prompt (the bare target) once per query, and a cell that two designs share
+    (`paper`) once, exported under both designs' labels with one `prompt_sha`."""
     rng = np.random.default_rng(spec.seed)
     checkpoints = spec.checkpoints or [SimCheckpoint("model", spec.b2)]
-    cells = np.array(grid(spec.design))
+    grids = design_grids(spec.design)
+    labels = pd.DataFrame(
+        [(name, q, d, nh, nb) for name, cells in grids.items()
+         for q in range(spec.queries) for d in range(spec.draws) for nh, nb in cells],
+        columns=["design", "q", "d", "nh", "nb"])
+    zero = (labels["nh"] == 0) & (labels["nb"] == 0)
+    labels["prompt"] = (labels["q"].astype(str) + "/" + labels["d"].where(~zero, 0).astype(str)
+                        + "/" + labels["nh"].astype(str) + "-" + labels["nb"].astype(str))
+    code, prompts = pd.factorize(labels["prompt"])
+    first = labels.iloc[np.unique(code, return_index=True)[1]]  # one row per distinct prompt
+    q, d = first["q"].to_numpy(), first["d"].to_numpy()
+    nh, nb = first["nh"].to_numpy(), first["nb"].to_numpy()
     u = rng.normal(0, spec.intercept_sd, spec.queries)
     s = rng.normal(0, spec.slope_sd, spec.queries)
     n_contexts = spec.draws if spec.contexts == "shared" else spec.queries * spec.draws
     v = rng.normal(0, spec.draw_sd, n_contexts)
     w = rng.normal(0, spec.draw_slope_sd, n_contexts)
-    centre = np.log1p(cells[:, 1]).mean()
-    design_name = "total_count" if spec.design == "total_count" else "joint"
-    q, d, c = np.meshgrid(np.arange(spec.queries), np.arange(spec.draws),
-                          np.arange(len(cells)), indexing="ij")
-    q, d, c = q.ravel(), d.ravel(), c.ravel()
-    nh, nb = cells[c, 0], cells[c, 1]
+    centre = np.log1p(np.array([c[1] for cells in grids.values() for c in cells])).mean()
     context = d if spec.contexts == "shared" else q * spec.draws + d
     frames = []
     for ckpt in checkpoints:
@@ -100,17 +124,26 @@ def simulate(spec: SimSpec) -> pd.DataFrame:
         else:
             eta = spec.b0 + spec.b1 * np.log1p(nh) + ckpt.b2 * np.log1p(nb)
         eta = eta + u[q] + v[context] + (s[q] + w[context]) * (np.log1p(nb) - centre)
+        complied = rng.binomial(1, 1 / (1 + np.exp(-eta))).astype(float)
+        status = np.full(len(prompts), "ok", dtype=object)
+        if spec.exclusion:
+            e0, e_nb, e_y = spec.exclusion
+            p_out = 1 / (1 + np.exp(-(e0 + e_nb * np.log1p(nb) + e_y * complied)))
+            out = rng.random(len(prompts)) < p_out
+            status[out], complied[out] = "overflow", np.nan
         frame = pd.DataFrame({
-            "unit_id": (f"{design_name}/" + pd.Series(nh).astype(str) + "-"
-                        + pd.Series(nb).astype(str) + "/q" + pd.Series(q).astype(str)
-                        + "/d" + pd.Series(d).astype(str)),
+            "unit_id": (labels["design"] + "/" + labels["nh"].astype(str) + "-"
+                        + labels["nb"].astype(str) + "/q" + labels["q"].astype(str)
+                        + "/d" + labels["d"].astype(str)),
             "checkpoint": ckpt.name, "stage": ckpt.stage, "step": ckpt.step,
-            "design": design_name, "query_id": [f"q{i}" for i in q], "draw": d,
+            "design": labels["design"], "query_id": "q" + labels["q"].astype(str),
+            "draw": labels["d"],
             # the sweep's values for count designs: default order, demo answers unchanged
-            "n_harmful": nh, "n_benign": nb, "schedule": "random", "opening": "unchanged",
-            "complied": rng.binomial(1, 1 / (1 + np.exp(-eta))),
-            "format_adopted": None, "judge": "simulated", "status": "ok",
-            "contexts": spec.contexts,
+            "n_harmful": labels["nh"], "n_benign": labels["nb"], "schedule": "random",
+            "opening": "unchanged",
+            "complied": pd.array(complied[code], dtype="Int64"),
+            "format_adopted": None, "judge": "simulated", "status": status[code],
+            "contexts": spec.contexts, "prompt_sha": "sim/" + labels["prompt"],
         })
         frames.append(frame)
         if spec.ordering:

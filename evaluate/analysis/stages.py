@@ -107,9 +107,21 @@ def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluste
                               fits.cluster_groups(paired, cluster), alpha=alpha)
     except ValueError as err:
         return {**base, "skipped": str(err)}
-    low, high = fit.ci("to:log_nb", alpha)
-    return {**base, "delta_beta": float(fit.params["to:log_nb"]), "ci_low": low,
-            "ci_high": high, "p_value": float(fit.pvalues["to:log_nb"]),
-            "se": float(fit.bse["to:log_nb"]), "n_clusters": fit.n_clusters,
-            "clustering": fit.clustering, "notes": fit.notes}
+    shared = fits.shared_draws_problem(paired, cluster)
+    if shared:
+        return {**base, "skipped": shared}
+
+    def change(term: str) -> dict | None:
+        if term not in fit.params:
+            return None
+        low, high = fit.ci(term, alpha)
+        return {"delta": float(fit.params[term]), "ci_low": low, "ci_high": high,
+                "p_value": float(fit.pvalues[term]), "se": float(fit.bse[term])}
+
+    b2 = change("to:log_nb")
+    return {**base, "delta_beta": b2["delta"], "ci_low": b2["ci_low"], "ci_high": b2["ci_high"],
+            "p_value": b2["p_value"], "se": b2["se"], "n_clusters": fit.n_clusters,
+            "clustering": fit.clustering, "notes": fit.notes,
+            # does the stage move the intercept or the harmful slope rather than b2?
+            "b0_difference": change("to"), "b1_difference": change("to:log_nh")}
 
