@@ -16,6 +16,8 @@ COMPLIED = "complied"
 REFUSED = "refused"
 UNPARSED = "unparsed"
 NO_FINAL_ANSWER = "no_final_answer"
+# The judge read the answer and declined to label it (WildGuard's `Response refusal: n/a`).
+NO_LABEL = "no_label"
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class JudgeItem:
 @dataclass(frozen=True)
 class Verdict:
     key: str
-    label: str  # COMPLIED | REFUSED | UNPARSED | NO_FINAL_ANSWER
+    label: str  # COMPLIED | REFUSED | UNPARSED | NO_FINAL_ANSWER | NO_LABEL
     format_adopted: int | None  # 1/0 when the unit had an opening line, else None
     raw: str = ""  # the judge model's verdict text, kept for audit
 

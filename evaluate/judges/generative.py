@@ -1,49 +1,24 @@
-"""What every judge that runs a model shares: delimiter neutralising, backend plumbing, verdicts.
+"""What every judge that runs a model shares: backend plumbing and verdicts.
 
 A classifier judge is a prompt format plus a parser. The prompt is built as text, tokenized with
 the judge's own tokenizer and sent through the same backends the sweep uses (`hf` in process,
 `openai` for a judge served elsewhere), greedily, so a verdict is reproducible. Anything the
 parser cannot read is `unparsed`; it is never mapped to a side.
+
+Judged text goes into the prompt verbatim, as the classifiers' own pipelines send it: editing it
+where it happens to look like a delimiter would change some answers (an `Answer:` opening) and
+not others, a bias between the arms of the format design, and the classifiers were validated on
+unedited text. Only the parser is protected: it reads the judge's own output, never the prompt.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from stagesweep.evaluate.judges.base import JudgeItem, Verdict, format_adopted
 
-ZERO_WIDTH_SPACE = "\u200b"
 BACKENDS = ("hf", "openai")
-
-
-def neutralise(text: str, patterns: Iterable[str]) -> str:
-    """Break every match of `patterns` (regexes, matched case-insensitively, `^` at any line
-    start) by a zero-width space after its first character. The judged text reads the same to
-    a person, but can no longer form the judge's special tokens or fake its section headers."""
-    alternatives = sorted(set(patterns), key=len, reverse=True)
-    if not alternatives:
-        return text
-    pattern = re.compile("|".join(f"(?:{p})" for p in alternatives), re.IGNORECASE | re.MULTILINE)
-    return pattern.sub(lambda m: m.group(0)[0] + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
-
-
-def literal(*strings: str) -> list[str]:
-    """Patterns matching `strings` anywhere."""
-    return [re.escape(s) for s in strings]
-
-
-def line_start(*headers: str) -> list[str]:
-    """Patterns matching `headers` only where a line starts (section headers of a format)."""
-    return [rf"^[ \t]*{re.escape(h)}" for h in headers]
-
-
-def special_token_patterns(tokenizer: Any) -> list[str]:
-    """Every special or added token of the judge's tokenizer: none may be spelled by judged text."""
-    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    tokens |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()}
-    return literal(*(t for t in tokens if t))
 
 
 def verdict(item: JudgeItem, label: str, raw: str = "") -> Verdict:
@@ -63,8 +38,6 @@ class GenerativeJudge:
     name: ClassVar[str]
     default_model: ClassVar[str | None] = None
     default_max_new_tokens: ClassVar[int] = 32
-    # The prompt format's own structure, neutralised inside judged text.
-    delimiters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -111,7 +84,7 @@ class GenerativeJudge:
     # -------------------------------------------------------------- what each judge defines
 
     def build_prompt(self, item: JudgeItem) -> str:
-        """The full prompt text for one item (judged text already neutralised)."""
+        """The full prompt text for one item, the judged text in it verbatim."""
         raise NotImplementedError
 
     @staticmethod
@@ -147,10 +120,6 @@ class GenerativeJudge:
                     **self.http_options,
                 )
         return self._backend
-
-    def clean(self, text: str) -> str:
-        """Judged text with the judge's delimiters and special tokens neutralised."""
-        return neutralise(text, [*self.delimiters, *special_token_patterns(self.tokenizer)])
 
     def bos_text(self) -> str:
         """The BOS the tokenizer would prepend on its own, spelled out: prompts are tokenized
