@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from stagesweep.cli import UserError, main
+from stagesweep.lineage import MANIFEST_NAME, write_manifest
 from stagesweep.safeio import (
     LOCK_NAME,
     REDACTED,
@@ -362,3 +363,29 @@ def test_bad_inputs_are_one_line_exit_2_and_leave_the_out_dir_unchanged(
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"result store {store} is damaged" in err and "move it aside" in err
     assert _snapshot(out) == before
+
+
+def test_no_planted_token_or_key_reaches_manifests_spec_copies_provenance_or_logs(
+        tmp_path, capfd, monkeypatch, one_thread):
+    token, key, password = "hf_PLANTED" + "t" * 24, "sk-PLANTED" + "k" * 24, "PLANTEDpass"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # training moves the token there
+    ckpt, out = tmp_path / "sft", tmp_path / "out"
+    assert main(["train", str(REPO / "recipes" / "tiny" / "sft.yaml"), f"output_dir={ckpt}",
+                 "max_steps=2", "save_steps=1", f"hub_token={token}"]) == 0
+    spec = _write_spec(tmp_path / "spec.yaml", backend_options={
+        "base_url": f"https://user:{password}@example.invalid/v1"})
+    assert main(["sweep", str(spec), "--checkpoint", str(ckpt), "--out", str(out),
+                 "--no-prefix-sharing"]) == 0
+    write_manifest(tmp_path / "direct", {"recipe": {"hub_token": token, "api_key": key}})
+    logs = "".join(capfd.readouterr())
+
+    manifests = sorted(tmp_path.rglob(MANIFEST_NAME))
+    assert len(manifests) == 4  # final, checkpoint-1, checkpoint-2, direct
+    assert REDACTED in (out / "spec.yaml").read_text()  # the URL's credentials
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != spec]
+    assert {out / "spec.yaml", out / "provenance.json"} <= set(written)
+    for secret in (token, key, password):
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), (secret, path)
+        assert secret not in logs

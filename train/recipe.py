@@ -140,6 +140,10 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
             block.update(value)
         else:
             raw[key] = value
+    if raw.get("hub_token"):
+        # Into the environment, where huggingface_hub reads it: never pickled into the
+        # checkpoints' training_args.bin nor recorded in the manifest.
+        os.environ["HF_TOKEN"] = str(raw.pop("hub_token"))
     stage = _parse_stage(path, block)
     trainer_path, config_path, method = _classes_for(path, stage)
 
