@@ -227,3 +227,136 @@ def test_dataset_of_the_wrong_shape_is_refused_by_column(tmp_path: Path):
     with pytest.raises(UserError, match="method 'dpo' trains on chosen/rejected columns; the "
                        "dataset's 'train' split has messages"):
         train(TINY / "dpo.yaml", [sft_data, f"output_dir={tmp_path}"])
+
+
+def _olmo2_mix_rows() -> list[dict]:
+    """Rows shaped like allenai/olmo-2-1124-7b-preference-mix: a plain-text `prompt` beside
+    chosen/rejected conversations that repeat it as their first (user) turn."""
+    pairs = [("What do bees make?", "Bees make honey from nectar.", "No idea."),
+             ("How many days are in a week?", "A week has seven days.", "Ask someone else."),
+             ("Name a yellow fruit.", "A banana is yellow.", "Fruit."),
+             ("What is two plus three?", "Two plus three is five.", "I don't know.")]
+    return [{"id": f"row-{i}", "source": "synthetic", "prompt": prompt,
+             "chosen": [{"role": "user", "content": prompt},
+                        {"role": "assistant", "content": good}],
+             "rejected": [{"role": "user", "content": prompt},
+                          {"role": "assistant", "content": bad}],
+             "chosen_rating": 5.0, "rejected_rating": 1.0}
+            for i, (prompt, good, bad) in enumerate(pairs)]
+
+
+def _recording_trainer():
+    from trl import DPOTrainer
+
+    class RecordingDPOTrainer(DPOTrainer):
+        """Writes down the first training example exactly as TRL tokenized it."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            first = {k: v for k, v in self.train_dataset[0].items() if k.endswith("_ids")}
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.args.output_dir) / "first_example.json").write_text(json.dumps(first))
+
+    return RecordingDPOTrainer
+
+
+def __getattr__(name: str):
+    # `stagesweep.trainer: test_train_methods:RecordingDPOTrainer` imports trl only when asked
+    if name == "RecordingDPOTrainer":
+        return _recording_trainer()
+    raise AttributeError(name)
+
+
+def test_olmo2_shaped_preference_table_trains_as_conversational(tmp_path: Path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from stagesweep.train.run import train
+
+    data = tmp_path / "mix.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _olmo2_mix_rows()))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    out = train(TINY / "dpo.yaml", [
+        f"output_dir={tmp_path / 'dpo'}", *FAST,
+        f"datasets=[{{path: json, data_files: {data}, split: train}}]",
+        "stagesweep.method=custom",
+        "stagesweep.trainer=test_train_methods:RecordingDPOTrainer",
+    ])
+    assert read_manifest(out)["global_step"] == 2
+    losses = _losses(out)
+    assert losses[0] != losses[1]
+
+    # What TRL tokenized: the chat template's rendering of the user turn, then the answer and
+    # the end-of-turn token; not the Python repr of a message list, not the prompt twice.
+    tok = AutoTokenizer.from_pretrained(out)
+    first = json.loads((out / "first_example.json").read_text())
+    row = _olmo2_mix_rows()[0]
+    rendered = tok.apply_chat_template(row["chosen"][:1], tokenize=False,
+                                       add_generation_prompt=True)
+    assert first["prompt_ids"] == tok(rendered, add_special_tokens=False)["input_ids"]
+    prompt_text = tok.decode(first["prompt_ids"])
+    assert prompt_text.count(row["prompt"]) == 1 and "'role'" not in prompt_text
+    assert tok.decode(first["chosen_ids"]).startswith(row["chosen"][1]["content"])
+    assert tok.decode(first["chosen_ids"]).rstrip().endswith("<|im_end|>")
+
+
+def test_text_prompt_before_answer_only_lists_becomes_a_user_turn():
+    from datasets import Dataset
+
+    from stagesweep.train.run import conversational_pairs
+
+    rows = [{"prompt": "Hi?", "chosen": [{"role": "assistant", "content": "Hello."}],
+             "rejected": [{"role": "assistant", "content": "Go away."}]}]
+    fixed = conversational_pairs(Dataset.from_list(rows))
+    assert fixed[0]["prompt"] == [{"role": "user", "content": "Hi?"}]
+    whole = conversational_pairs(Dataset.from_list(_olmo2_mix_rows()))
+    assert "prompt" not in whole.column_names and whole[0]["chosen"][0]["role"] == "user"
+    already = Dataset.from_list([{**rows[0], "prompt": [{"role": "user", "content": "Hi?"}]}])
+    assert conversational_pairs(already)[0]["prompt"] == [{"role": "user", "content": "Hi?"}]
+
+
+# open-instruct's `tulu` chat template (open_instruct/dataset_transformation.py CHAT_TEMPLATES),
+# written out here; `--add_bos` prepends "{{ bos_token }}" to it.
+UPSTREAM_TULU = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ '<|user|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if not loop.last %}"
+    "{{ '<|assistant|>\\n'  + message['content'] + eos_token + '\\n' }}"
+    "{% else %}"
+    "{{ '<|assistant|>\\n'  + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}"
+    "{{ '<|assistant|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_olmo2_sft_template_renders_as_open_instruct_tulu_with_bos(tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    from stagesweep.train.run import train
+
+    shipped = REPO / "recipes" / "olmo2-1b" / "tulu_add_bos.jinja"
+    out = train(TINY / "sft.yaml", [f"output_dir={tmp_path / 'sft'}", *FAST,
+                                    f"chat_template_path={shipped}", "assistant_only_loss=true"])
+    assert read_manifest(out)["global_step"] == 2
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == shipped.read_text()
+    tok.bos_token = "<|endoftext|>"  # OLMo 2's bos; the tiny tokenizer has none
+    chats = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
+         {"role": "assistant", "content": "Bye."}],
+        [{"role": "user", "content": "Hi?"}],
+    ]
+    for chat in chats:
+        for prompt in (False, True):
+            ours = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+            theirs = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt,
+                                             chat_template="{{ bos_token }}" + UPSTREAM_TULU)
+            assert ours == theirs and ours.startswith(tok.bos_token)

@@ -32,6 +32,14 @@ def _variant(tmp_path: Path, edit) -> Path:
     return path
 
 
+def _as_sft(data: dict, **keys) -> None:
+    """Turn the tiny DPO recipe into an SFT one (keys only; dry runs read no data)."""
+    for key in ("loss_type", "beta"):
+        data.pop(key)
+    data["stagesweep"]["method"] = "sft"
+    data.update(keys)
+
+
 def test_real_and_tiny_recipes_are_shipped():
     names = {f"{p.parent.name}/{p.stem}" for p in TRAINING_RECIPES}
     expected = {f"olmo2-1b/{m}" for m in ("sft", "dpo", "ipo", "simpo", "kto", "orpo")}
@@ -46,13 +54,18 @@ def test_every_shipped_recipe_passes_dry_run(recipe: Path, monkeypatch):
 
     # Offline: a hub id parent must be accepted without asking the hub.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert _dry_run(recipe).name
+    # Hub ids without a verified commit sha are refused unless allowed (test_unpinned_...).
+    assert _dry_run(recipe, ["stagesweep.allow_unpinned=true"]).name
     spec = load_recipe(recipe)
     block = spec.stagesweep
     # the global batch is pinned and the hardware named
     assert block.global_batch_size and block.num_gpus >= 1
     if spec.model["model_name_or_path"].startswith("allenai/"):
-        assert block.global_batch_size == 128
+        if recipe.parent.name == "olmo3-7b" and block.method.value == "sft":
+            # OLMo-core's batch is in tokens: 1,048,576 per step (7b_instruct_sft.sh)
+            assert block.global_batch_size * spec.training["max_length"] == 1_048_576
+        else:  # the published runs' 128 sequences or pairs per step
+            assert block.global_batch_size == 128
         assert spec.training["report_to"] == "wandb"
 
 
@@ -95,6 +108,12 @@ def test_misspelt_key_through_the_command_line(tmp_path: Path, capsys):
         (lambda d: d.pop("datasets"), "no training data"),
         (lambda d: d["datasets"][0].update(colums=["x"]), "DatasetMixtureConfig refused"),
         (lambda d: d["stagesweep"].update(trainer="x:Y"), "only read with method: custom"),
+        (lambda d: d.update(loss_type="sigmoidd"), "loss_type 'sigmoidd' is not a DPOConfig "
+         "loss_type; valid values: sigmoid, hinge, ipo"),
+        (lambda d: d.update(loss_type=["sigmoid", "bogus"]), "loss_type 'bogus' is not"),
+        (lambda d: d.update(f_divergence_type="kl"), "valid values: reverse_kl, forward_kl"),
+        (lambda d: _as_sft(d, chat_template_path="missing.jinja"), "chat_template_path "
+         "'missing.jinja' not found"),
     ],
 )
 def test_bad_recipe_gets_one_line_error(tmp_path: Path, edit, message: str):
@@ -112,12 +131,103 @@ def test_hub_parent_accepted_offline_and_qlora_zero3_needs_quant_storage(tmp_pat
         d["stagesweep"]["accelerate_config"] = "deepspeed_zero3"
 
     recipe = _variant(tmp_path, qlora)
+    loose = ["stagesweep.allow_unpinned=true"]
     with pytest.raises(UserError, match="QLoRA under ZeRO-3/FSDP .* bnb_4bit_quant_storage"):
-        _dry_run(recipe)
-    assert _dry_run(recipe, ["bnb_4bit_quant_storage=bfloat16"])
+        _dry_run(recipe, loose)
+    assert _dry_run(recipe, ["bnb_4bit_quant_storage=bfloat16", *loose])
     with pytest.raises(UserError, match="load_in_8bit cannot be sharded"):
-        _dry_run(recipe, ["load_in_4bit=false", "load_in_8bit=true"],
+        _dry_run(recipe, ["load_in_4bit=false", "load_in_8bit=true", *loose],
                  accelerate_config="fsdp2")
+
+
+SHA_MODEL = "a" * 40
+SHA_DATA = "b" * 40
+
+
+def _hub_variant(tmp_path: Path, model_revision: str, data_revision: str | None) -> Path:
+    """The tiny DPO recipe pointed at a hub parent and a hub dataset (never downloaded here)."""
+
+    def hub(d):
+        d.pop("datasets")
+        d.update(model_name_or_path="allenai/OLMo-2-0425-1B-SFT", model_revision=model_revision,
+                 dataset_name="allenai/olmo-2-0425-1b-preference-mix")
+        d["stagesweep"]["dataset_revision"] = data_revision
+
+    return _variant(tmp_path, hub)
+
+
+def test_unpinned_hub_ids_are_refused_by_name_unless_allowed(tmp_path: Path, capsys):
+    from stagesweep.cli import main
+
+    recipe = _hub_variant(tmp_path, "main", None)
+    assert main(["train", str(recipe), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert "unpinned hub ids: allenai/OLMo-2-0425-1B-SFT (model_revision); " \
+        "allenai/olmo-2-0425-1b-preference-mix (stagesweep.dataset_revision)" in line
+    assert "stagesweep.allow_unpinned=true" in line
+    # what would be downloaded is on screen with the refusal
+    assert "allenai/OLMo-2-0425-1B-SFT @ main (UNPINNED" in captured.out
+    # a short sha or a branch is not a pin
+    with pytest.raises(UserError, match="OLMo-2-0425-1B-SFT \\(model_revision\\)"):
+        _dry_run(_hub_variant(tmp_path, "a1847df", SHA_DATA))
+    assert main(["train", str(recipe), "--dry-run", "stagesweep.allow_unpinned=true"]) == 0
+
+
+def test_dry_run_prints_pinned_revisions(tmp_path: Path, capsys):
+    from stagesweep.cli import main
+
+    recipe = _hub_variant(tmp_path, SHA_MODEL, SHA_DATA)
+    assert main(["train", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [
+        "hub revisions:",
+        f"  model_name_or_path: allenai/OLMo-2-0425-1B-SFT @ {SHA_MODEL}",
+        f"  dataset_name: allenai/olmo-2-0425-1b-preference-mix @ {SHA_DATA}",
+    ]
+    assert out[3].startswith("recipe ok; would write")
+
+
+def test_lineage_manifest_records_the_pinned_revisions(tmp_path: Path):
+    from stagesweep.train.recipe import load_recipe, resolve_parent
+    from stagesweep.train.run import _build_config, _manifest
+
+    spec = load_recipe(_hub_variant(tmp_path, SHA_MODEL, SHA_DATA))
+    args = _build_config(spec, for_validation=True)
+    manifest = _manifest(spec, resolve_parent(spec, build=False), [], args)
+    assert manifest["parent"] == {"hub_id": "allenai/OLMo-2-0425-1B-SFT", "revision": SHA_MODEL}
+    assert manifest["hub_revisions"] == {
+        "allenai/OLMo-2-0425-1B-SFT": SHA_MODEL,
+        "allenai/olmo-2-0425-1b-preference-mix": SHA_DATA,
+    }
+    assert manifest["recipe"]["stagesweep"]["dataset_revision"] == SHA_DATA
+
+
+def test_shipped_recipes_pin_what_was_verified_and_say_which_ids_are_not(monkeypatch):
+    """A pin in a shipped recipe is a full sha; every unpinned id is marked UNPINNED where it
+    is set, so the gap is visible in the file and in recipes/README.md."""
+    from stagesweep.train.recipe import hub_pins, load_recipe
+
+    table = (REPO / "recipes" / "README.md").read_text()
+    for recipe in TRAINING_RECIPES:
+        text = recipe.read_text()
+        for pin in hub_pins(load_recipe(recipe)):
+            assert pin.hub_id in table, f"{pin.hub_id} missing from recipes/README.md"
+            if not pin.pinned:
+                key = pin.revision_key.removeprefix("stagesweep.")
+                assert any(line.strip().startswith(f"{key}:") and "UNPINNED" in line
+                           for line in text.splitlines()), (recipe, pin.hub_id)
+
+
+def test_documented_values_come_from_the_installed_trl():
+    from trl import DPOConfig, KTOConfig
+
+    from stagesweep.train.recipe import documented_choices
+
+    dpo = documented_choices(DPOConfig)
+    assert {"sigmoid", "sigmoid_norm", "ipo", "apo_zero"} <= set(dpo["loss_type"])
+    assert "reverse_kl" in dpo["f_divergence_type"]
+    assert {"kto", "apo_zero_unpaired"} <= set(documented_choices(KTOConfig)["loss_type"])
 
 
 def test_overrides_are_typed_and_reach_the_stage_block(tmp_path: Path):
