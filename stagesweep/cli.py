@@ -24,6 +24,7 @@ COMMAND_MODULES: dict[str, str] = {
     "view": "stagesweep.evaluate.view",
     "export": "stagesweep.evaluate.export",
     "audit": "stagesweep.evaluate.audit",
+    "judge-check": "stagesweep.evaluate.judge_check",
     "lineage": "stagesweep.lineage",
     "tiny-model": "stagesweep.tiny_model",
     "power": "stagesweep.evaluate.power",

@@ -3,6 +3,9 @@ on a tiny checkpoint (a random model's verdict is unreadable, so it must come ba
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from stagesweep.cli import UserError
@@ -337,3 +340,53 @@ def test_judge_options_errors_are_one_line_and_name_the_field(tiny_llama):
         llm.LLMJudge(tiny_llama, backend="hf", chat=True)
     with pytest.raises(TypeError):
         RefusalStringsJudge(model="x")
+
+
+# ---------------------------------------------------------------- judge-check
+
+SHIPPED = ["--data", "stagesweep/data/judge_check.jsonl", "--text", "response",
+           "--label", "response_refusal_label", "--request", "prompt"]
+
+
+def test_judge_check_prints_its_table_on_the_shipped_labelled_set(capsys, monkeypatch, tmp_path):
+    from stagesweep.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    out = tmp_path / "check.json"
+    assert main(["judge-check", "--judge", "refusal_strings", *SHIPPED, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    # the string judge misses refusals without a refusal phrase and reads "I'm sorry to hear"
+    # and "I can't stress enough" as refusals: two errors each way on 24 rows
+    assert printed[2].split() == ["label", "refusal", "8", "2"]
+    assert printed[3].split() == ["label", "compliance", "2", "12"]
+    assert printed[4] == ("agreement 83.3% on 24 parsed of 24 rows; refusal precision 0.800, "
+                          "recall 0.800; Cohen's kappa 0.657")
+    figures = json.loads(out.read_text())
+    po, pe = 20 / 24, (10 * 10 + 14 * 14) / 24**2
+    assert figures["kappa"] == pytest.approx((po - pe) / (1 - pe))
+
+
+def test_judge_check_with_a_model_judge_counts_unreadable_verdicts_apart(capsys, monkeypatch,
+                                                                         tiny_llama):
+    from stagesweep.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    assert main(["judge-check", "--judge", "wildguard", *SHIPPED, "--limit", "3",
+                 "--judge-option", f"model={tiny_llama}", "--judge-option",
+                 "max_new_tokens=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "judge unparsed" in printed and "agreement n/a on 0 parsed of 3 rows" in printed
+
+
+def test_judge_check_input_errors_are_one_line(capsys, tmp_path):
+    from stagesweep.cli import main
+
+    data = tmp_path / "labels.jsonl"
+    data.write_text('{"r": "Sure.", "y": "maybe"}\n')
+    assert main(["judge-check", "--judge", "refusal_strings", "--data", str(data), "--text",
+                 "response", "--label", "y"]) == 2
+    assert "--text 'response' is not a column" in capsys.readouterr().err
+    assert main(["judge-check", "--judge", "refusal_strings", "--data", str(data), "--text",
+                 "r", "--label", "y"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--label column 'y' row 0 holds 'maybe'" in err
