@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from stagesweep.safeio import atomic_path, write_text
+
 DIRECTION_COLOURS = {"amplification": "#c0392b", "dilution": "#2471a3", "none": "#7f8c8d"}
 
 
@@ -257,9 +259,15 @@ def notes(summary: dict) -> list[str]:
     return out
 
 
+def _md(text: str) -> str:
+    """Text for summary.md: Markdown renders raw HTML and splits table cells on `|`, so a
+    checkpoint named `<img onerror=...>` or `a|b` is escaped as the HTML report escapes it."""
+    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -302,14 +310,15 @@ def write_report(dir: Path, *, wandb: bool = False) -> Path:
             skipped.append(f"{title}: {reason}")
             continue
         fig.tight_layout()
-        fig.savefig(png, dpi=110)
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         figures.append((title, png))
 
     settings = summary.get("settings", {})
     intro = (f"Model: {settings.get('model', '')}. Alpha {settings.get('alpha')}, errors "
              f"clustered by {settings.get('clustering')}. Source: {settings.get('source')}.")
-    md = ["# stagesweep report", "", intro, "", "## Per checkpoint", "",
+    md = ["# stagesweep report", "", _md(intro), "", "## Per checkpoint", "",
           _md_table(HEADLINE, headline_rows(summary)), "", "## Stage differences", "",
           _md_table(DIFFS, difference_rows(summary)) if summary["stage_differences"]
           else "(one checkpoint: nothing to compare)", ""]
@@ -318,8 +327,8 @@ def write_report(dir: Path, *, wandb: bool = False) -> Path:
                ""]
     md += ["## Figures", ""]
     md += [f"![{t}]({p.name})" for t, p in figures]
-    md += ["", "## Notes", ""] + [f"- {n}" for n in notes(summary) + skipped]
-    (out / "summary.md").write_text("\n".join(md) + "\n")
+    md += ["", "## Notes", ""] + [f"- {_md(n)}" for n in notes(summary) + skipped]
+    write_text(out / "summary.md", "\n".join(md) + "\n")
 
     imgs = "".join(
         f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,"
@@ -340,7 +349,7 @@ th{{background:#f4f6f7}} img{{max-width:100%}} figure{{margin:1.5em 0}}</style><
 <h2>Figures</h2>{imgs}<h2>Notes</h2><ul>{note_items}</ul></body></html>
 """
     index = out / "index.html"
-    index.write_text(page)
+    write_text(index, page)
     if wandb:
         log_to_wandb(dir, figures, summary)
     return index

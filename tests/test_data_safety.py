@@ -389,3 +389,21 @@ def test_no_planted_token_or_key_reaches_manifests_spec_copies_provenance_or_log
         for path in written:
             assert secret.encode() not in path.read_bytes(), (secret, path)
         assert secret not in logs
+
+
+def test_summary_md_escapes_checkpoint_names_as_the_html_report_does(tmp_path):
+    from stagesweep.evaluate.analysis import analyze
+    from stagesweep.evaluate.report import write_report
+    from stagesweep.evaluate.simulate import SimCheckpoint, SimSpec, simulate
+
+    evil = "<img src=x onerror=alert(1)>|dpo"
+    analyze(simulate(SimSpec(design="total_count", queries=8, seed=1, checkpoints=[
+        SimCheckpoint("sft", 0.5, "sft"), SimCheckpoint(evil, -0.3, "dpo")])), tmp_path)
+    index = write_report(tmp_path)
+    md = (tmp_path / "report" / "summary.md").read_text()
+    escaped = "&lt;img src=x onerror=alert(1)&gt;\\|dpo"
+    assert "<img" not in md and escaped in md
+    assert "<img src=x" not in index.read_text()
+    rows = [line for line in md.splitlines() if escaped in line and line.startswith("|")]
+    header = next(line for line in md.splitlines() if line.startswith("|"))
+    assert rows and all(row.replace("\\|", "").count("|") == header.count("|") for row in rows[:1])
