@@ -241,3 +241,22 @@ def test_overrides_are_typed_and_reach_the_stage_block(tmp_path: Path):
     assert spec.resolved["stagesweep"]["stage"] == "dpo2"
     with pytest.raises(UserError, match="is not KEY=VALUE"):
         load_recipe(TINY_DPO, ["learning_rate"])
+
+
+def test_sweep_specs_pin_their_hub_pools_or_mark_them():
+    import re
+
+    from stagesweep.evaluate.spec import load_spec
+
+    table = (REPO / "recipes" / "README.md").read_text()
+    for path in sorted((REPO / "recipes" / "sweeps").glob("*.yaml")):
+        lines = path.read_text().splitlines()
+        for name, pool in load_spec(path).pools.items():
+            if not pool.hub:
+                continue
+            if pool.revision and re.fullmatch(r"[0-9a-f]{40}", pool.revision):
+                continue
+            assert pool.hub in table, f"{path.name}: {name} ({pool.hub}) not in recipes/README.md"
+            at = next(i for i, line in enumerate(lines) if f"hub: {pool.hub}" in line)
+            assert "revision:" in lines[at + 1] and "UNPINNED" in lines[at + 1], (
+                f"{path.name}: {name} unpinned without a mark under its hub line")
