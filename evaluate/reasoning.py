@@ -140,7 +140,7 @@ def detect_family(tokenizer_or_template: object) -> str:
         closes_think = get_vocab is not None and _THINK_CLOSE in get_vocab()
     if "<|channel|>" in template:
         return "harmony"
-    if "<|channel>" in template:
+    if "<|channel>" in template or "<|think|>" in template:  # Gemma 4's thought markers
         return "gemma4"
     if closes_think or _THINK_OPEN in template or _THINK_CLOSE in template:
         return "think"

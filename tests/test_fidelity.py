@@ -246,3 +246,14 @@ def test_fit_error_stops_before_compute_and_the_other_policies_leave_no_overflow
     assert (cut["status"] != "overflow").all()
     assert set(cut["n_harmful"] + cut["n_benign"]) == {4, 64, 128}
     assert cut["prompt_tokens"].max() + 2 <= 4096
+
+
+def test_gemma4_sweeps_with_its_thought_channel_split_before_judging(tmp_path):
+    ckpt = str(ensure_tiny_model("gemma4"))
+    df = pd.read_parquet(run_sweep(_spec(), [ckpt], tmp_path, **QUIET))
+    provenance = json.loads((tmp_path / "provenance.json").read_text())
+    assert provenance["checkpoints"][0]["reasoning_family"] == "gemma4"
+    # answers are decoded with special tokens kept, so a thought could be cut off here; none
+    # of the turn markers reach the judge
+    answered = df[df["status"] == "ok"]
+    assert len(answered) > 0 and not answered["response"].str.contains("<turn|>").any()
