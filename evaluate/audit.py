@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from stagesweep.safeio import write_text
+
 # The reference study's published benign coefficients (PAPER.md; secondary source).
 PUBLISHED: list[tuple[str, float, float, str]] = [
     ("GPT-OSS-20B", 0.0319, 1.1e-2, "amplification"),
@@ -83,9 +85,8 @@ def run(args: argparse.Namespace) -> int:
     summary = analyze(table, out, pairs=[(baseline, t) for t in targets] if baseline else None)
     print(verdict_table(summary, ([baseline] if baseline else []) + targets))
     reasons = [r for t in targets if (r := failing(summary, t, args.fail_on, baseline))]
-    (out / "audit.json").write_text(
-        json.dumps({"fail_on": args.fail_on, "failed": bool(reasons), "reasons": reasons}, indent=2)
-    )
+    write_text(out / "audit.json", json.dumps(
+        {"fail_on": args.fail_on, "failed": bool(reasons), "reasons": reasons}, indent=2))
     for reason in reasons:
         print(f"AUDIT FAILED: {reason}")
     if not reasons:

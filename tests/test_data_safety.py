@@ -407,3 +407,24 @@ def test_summary_md_escapes_checkpoint_names_as_the_html_report_does(tmp_path):
     rows = [line for line in md.splitlines() if escaped in line and line.startswith("|")]
     header = next(line for line in md.splitlines() if line.startswith("|"))
     assert rows and all(row.replace("\\|", "").count("|") == header.count("|") for row in rows[:1])
+
+
+def test_analyze_refuses_empty_malformed_or_garbage_tables_in_one_line(
+        finished, tmp_path, capsys):
+    _, done, _ = finished
+    header = "checkpoint,query_id,n_harmful,n_benign,complied\n"
+    tables = {
+        "empty.csv": b"", "header-only.csv": header.encode(),
+        "malformed.csv": b'a,b\n1,2,3\n"x\n', "latin1.csv": header.encode() + b"caf\xe9,q,1,1,1\n",
+        "garbage.parquet": os.urandom(2000),
+        "cut.parquet": (done / "results.parquet").read_bytes()[:4],
+    }
+    out = tmp_path / "analysis"
+    shutil.copytree(done, out)
+    before = _snapshot(out)
+    for name, content in tables.items():
+        (tmp_path / name).write_bytes(content)
+        code = main(["analyze", str(tmp_path / name), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.splitlines()) == 1 and name in err, (name, err)
+        assert _snapshot(out) == before, name

@@ -48,11 +48,20 @@ def load_results(path: Path) -> pd.DataFrame:
         return pd.concat(frames, ignore_index=True)
     if not path.exists():
         raise user_error(f"{path}: no such file or directory")
-    if path.suffix.lower() == ".csv":
-        return pd.read_csv(path)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
+    if path.suffix.lower() in (".csv", ".parquet", ".pq"):
+        return read_table(path)
     raise user_error(f"{path}: unsupported table type {path.suffix!r}; use .csv or .parquet")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV or Parquet file; an empty, truncated or foreign one is a one-line error."""
+    try:
+        return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except (ValueError, OSError) as err:  # pandas' and arrow's parse errors are ValueErrors
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise user_error(f"{path}: not a readable table ({reason}); re-export it (a sweep's "
+                         "results.parquet is rebuilt from its store by re-running the sweep)"
+                         ) from None
 
 
 def unit_identity(frame: pd.DataFrame) -> pd.Series | None:
@@ -89,7 +98,7 @@ def read_sweep(results: Path) -> pd.DataFrame:
     writes beside them) so `auto` clustering knows whether draws are shared across queries."""
     import yaml
 
-    frame = pd.read_parquet(results)
+    frame = read_table(results)
     spec = results.parent / "spec.yaml"
     if "contexts" not in frame.columns and spec.exists():
         contexts = (yaml.safe_load(spec.read_text()) or {}).get("contexts")

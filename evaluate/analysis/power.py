@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from stagesweep.safeio import atomic_path
+
 
 @dataclass(frozen=True)
 class PowerRow:
@@ -156,5 +158,6 @@ def handler(args) -> int:
           f"planted direction ({time.perf_counter() - start:.1f}s)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame([r.__dict__ for r in rows]).to_csv(args.out, index=False)
+        with atomic_path(args.out) as tmp:
+            pd.DataFrame([r.__dict__ for r in rows]).to_csv(tmp, index=False)
     return 0

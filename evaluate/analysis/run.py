@@ -34,6 +34,7 @@ from stagesweep.evaluate.analysis.stages import (
     stage_difference,
 )
 from stagesweep.evaluate.templates import templates_summary
+from stagesweep.safeio import atomic_path, write_text
 
 
 def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str, sesoi_pp: float,
@@ -200,7 +201,7 @@ def analyze(
 
 def write_outputs(out: Path, summary: dict, tables: dict[str, list[dict]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     per_checkpoint = []
     for name, c in summary["checkpoints"].items():
         effect = c["benign_effect"]
@@ -235,5 +236,6 @@ def write_outputs(out: Path, summary: dict, tables: dict[str, list[dict]]) -> No
            ("recency", "exclusions_cells", "exclusions_queries")},
     }
     for name, table in frames.items():
-        table.to_csv(out / f"{name}.csv", index=False)
+        with atomic_path(out / f"{name}.csv") as tmp:
+            table.to_csv(tmp, index=False)
 
