@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from stagesweep.cli import UserError
 
-# Columns kept only in the sweep's store, joined onto results.parquet by (checkpoint, unit).
+# Columns kept only in the sweep's store, joined onto results.parquet by (checkpoint, prompt).
 STORE_COLUMNS = ["sample", "fingerprint", "reasoning", "judge_raw", "finish_reason"]
 
 
@@ -29,16 +30,16 @@ STORE_COLUMNS = ["sample", "fingerprint", "reasoning", "judge_raw", "finish_reas
 class Sweep:
     """One sweep dir read back: its answers, and what rebuilds its prompts.
 
-    `plan` maps a unit id (without the `/sN` sample suffix) to its demos as (pool, row id) in
-    prompt order; `pools` are the spec's pools as the sweep loaded them. Either is empty, with
-    `problem` saying why, when the spec's pool files are gone or the dir holds only a table.
+    `plan` is plan.parquet indexed by prompt_sha (see `_plan`); `pools` are the spec's pools
+    as the sweep loaded them. Either is empty, with `problem` saying why, when the spec's pool
+    files are gone or the dir holds only a table.
     """
 
     dir: Path
     frame: pd.DataFrame
     spec: Any = None
     pools: dict | None = None
-    plan: dict[str, list[tuple[str, str]]] | None = None
+    plan: pd.DataFrame | None = None
     problem: str | None = None
 
 
@@ -64,12 +65,30 @@ def find_sweeps(path: Path) -> list[Path]:
     return found
 
 
-def _store_rows(dir: Path) -> pd.DataFrame:
-    """Store-only columns of every row, named by checkpoint as results.parquet names them."""
+def _plan(dir: Path) -> pd.DataFrame | None:
+    """plan.parquet indexed by prompt: `stored_id` (the unit id answers are stored under) and
+    `demos`. Sweeps from before prompts were shared between designs key both by unit id."""
+    path = dir / "plan.parquet"
+    if not path.is_file():
+        return None
+    plan = pd.read_parquet(path)
+    sha = plan["prompt_sha"] if "prompt_sha" in plan.columns else plan["unit_id"]
+    return pd.DataFrame({"stored_id": plan["unit_id"].to_numpy(),
+                         "demos": plan["demos"].to_numpy()}, index=sha.to_numpy())
+
+
+def _with_sample(ids: pd.Series, sample: pd.Series) -> pd.Series:
+    """Ids as results.parquet writes them: a sample after the first gets a `/sN` suffix."""
+    return ids.where(sample == 0, ids + "/s" + sample.astype(str))
+
+
+def _store_rows(dir: Path, plan: pd.DataFrame | None) -> pd.DataFrame:
+    """Store-only columns of every row, keyed as results.parquet keys an answer: checkpoint
+    name and prompt_sha."""
     provenance = dir / "provenance.json"
     stores = sorted(dir.glob("sweep*.sqlite"))
     if not provenance.is_file() or not stores:
-        return pd.DataFrame(columns=["checkpoint", "unit_id", *STORE_COLUMNS])
+        return pd.DataFrame(columns=["checkpoint", "prompt_sha", *STORE_COLUMNS])
     names = pd.DataFrame([(c["fingerprint"], c["name"]) for c in
                           json.loads(provenance.read_text()).get("checkpoints", [])],
                          columns=["fingerprint", "checkpoint"])
@@ -86,19 +105,11 @@ def _store_rows(dir: Path) -> pd.DataFrame:
             conn.close()
     rows = pd.concat(frames, ignore_index=True).drop_duplicates(["fingerprint", "unit_id",
                                                                   "sample"])
-    many = rows["sample"] > 0
-    rows.loc[many, "unit_id"] = rows.loc[many, "unit_id"] + "/s" + rows.loc[many,
-                                                                            "sample"].astype(str)
-    return rows.merge(names, on="fingerprint")
-
-
-def _plan(dir: Path) -> dict[str, list[tuple[str, str]]] | None:
-    path = dir / "plan.parquet"
-    if not path.is_file():
-        return None
-    plan = pd.read_parquet(path, columns=["unit_id", "demos"])
-    return {uid: [tuple(d.split(":", 1)) for d in demos]
-            for uid, demos in zip(plan["unit_id"], plan["demos"], strict=True)}
+    sha = rows["unit_id"]
+    if plan is not None:
+        sha = rows["unit_id"].map(pd.Series(plan.index, index=plan["stored_id"])).fillna(sha)
+    rows["prompt_sha"] = _with_sample(sha, rows["sample"])
+    return rows.drop(columns="unit_id").merge(names, on="fingerprint")
 
 
 def load_sweep(dir: Path, *, pools: bool = True) -> Sweep:
@@ -106,11 +117,13 @@ def load_sweep(dir: Path, *, pools: bool = True) -> Sweep:
     (loaded through `datasets`, as the sweep did) so prompts can be rebuilt."""
     dir = Path(dir)
     frame = pd.read_parquet(dir / "results.parquet")
-    extra = _store_rows(dir)
-    frame = frame.merge(extra, on=["checkpoint", "unit_id"], how="left")
+    if "prompt_sha" not in frame.columns:
+        frame["prompt_sha"] = frame["unit_id"]
+    plan = _plan(dir)
+    frame = frame.merge(_store_rows(dir, plan), on=["checkpoint", "prompt_sha"], how="left")
     frame["sample"] = frame["sample"].fillna(0).astype("int64")
-    sweep = Sweep(dir, frame, plan=_plan(dir))
-    if sweep.plan is None:
+    sweep = Sweep(dir, frame, plan=plan)
+    if plan is None:
         sweep.problem = f"{dir} has no plan.parquet: demos are unknown"
     if not pools:
         return sweep
@@ -129,15 +142,22 @@ def load_sweep(dir: Path, *, pools: bool = True) -> Sweep:
     return sweep
 
 
+def prompt_demos(sweep: Sweep, prompt_sha: pd.Series) -> pd.Series:
+    """Each row's demos ("pool:row id" in prompt order) found through its prompt; NaN where
+    the plan does not know the prompt."""
+    base = prompt_sha.str.replace(r"/s\d+$", "", regex=True)
+    return base.map(sweep.plan["demos"])
+
+
 def export_frame(sweeps: list[Sweep]) -> pd.DataFrame:
     """Every row of every sweep with every column; `demos` lists "pool:row id" in prompt order
     and `query` is the target request's text (empty lists and nulls where unknown)."""
     frames = []
     for sweep in sweeps:
         frame = sweep.frame.copy()
-        base = frame["unit_id"].str.replace(r"/s\d+$", "", regex=True)
-        plan = sweep.plan or {}
-        frame["demos"] = [[f"{p}:{r}" for p, r in plan.get(u, [])] for u in base]
+        demos = (prompt_demos(sweep, frame["prompt_sha"]) if sweep.plan is not None
+                 else pd.Series(index=frame.index))
+        frame["demos"] = [list(d) if isinstance(d, np.ndarray | list) else [] for d in demos]
         query = None
         if sweep.pools is not None:
             targets = sweep.pools[sweep.spec.targets_key]

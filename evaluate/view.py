@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from stagesweep.cli import UserError
-from stagesweep.evaluate.export import Sweep, find_sweeps, load_sweep
+from stagesweep.evaluate.export import Sweep, find_sweeps, load_sweep, prompt_demos
 
 ASSETS = Path(__file__).resolve().parent / "view_assets"
 # Units per answer shard and pool rows per text shard: one shard is tens of kB, fetched when
@@ -70,45 +70,32 @@ def _write_data(dir: Path, key: str, payload: object) -> None:
     path.write_text(f"stagesweepData({json.dumps(key)},{body});\n")
 
 
-class _PoolRows:
-    """The pool rows the units use, numbered in first use (units of one demo context share
-    rows, so they land in the same text shard)."""
+def _pool_list(sweeps: list[Sweep]) -> list[dict]:
+    """Every pool the sweeps loaded, with its kind (harmful demos are marked in the page)."""
+    pools = []
+    for i, sweep in enumerate(sweeps):
+        if sweep.pools is None:
+            continue
+        harmful = {d.harmful_pool for d in sweep.spec.designs}
+        targets = {sweep.spec.targets_key, *sweep.spec.target_pools}
+        for name in sweep.pools:
+            kind = "target" if name in targets else "harmful" if name in harmful else "benign"
+            pools.append({"name": name, "kind": kind, "sweep": i})
+    return pools
 
-    def __init__(self, sweeps: list[Sweep]):
-        self.pools: list[dict] = []
-        self.key: dict[tuple[int, str], int] = {}
-        self.rows: list[dict[str, int]] = []
-        for i, sweep in enumerate(sweeps):
-            if sweep.pools is None:
-                continue
-            harmful = {d.harmful_pool for d in sweep.spec.designs}
-            for name in sweep.pools:
-                targets = {sweep.spec.targets_key, *sweep.spec.target_pools}
-                kind = ("target" if name in targets
-                        else "harmful" if name in harmful else "benign")
-                self.key[(i, name)] = len(self.pools)
-                self.pools.append({"name": name, "kind": kind, "sweep": i})
-                self.rows.append({})
 
-    def ref(self, sweep: int, pool: str, row_id: str) -> list[int] | None:
-        p = self.key.get((sweep, pool))
-        if p is None:
-            return None
-        rows = self.rows[p]
-        return [p, rows.setdefault(row_id, len(rows))]
+def _write_pools(dir: Path, sweeps: list[Sweep], pools: list[dict]) -> None:
+    """Pool rows in shards, in the pool's own order; demo answers as the prompt shows them
+    (reasoning blocks removed; the unit's opening line is added by the page)."""
+    from stagesweep.evaluate.render import _answer
 
-    def write(self, dir: Path, sweeps: list[Sweep]) -> None:
-        from stagesweep.evaluate.render import _answer
-
-        for p, pool in enumerate(self.pools):
-            source = sweeps[pool["sweep"]].pools[pool["name"]]
-            index = source.index()
-            rows = [(source.requests[index[r]],
-                     None if source.responses is None
-                     else _answer(source.responses[index[r]], "unchanged"))
-                    for r in self.rows[p]]
-            for k in range(0, max(len(rows), 1), SHARD_ROWS):
-                _write_data(dir, f"pools/{p}/{k // SHARD_ROWS}", rows[k:k + SHARD_ROWS])
+    for p, pool in enumerate(pools):
+        source = sweeps[pool["sweep"]].pools[pool["name"]]
+        responses = source.responses or [None] * len(source)
+        rows = [(q, None if a is None else _answer(a, "unchanged"))
+                for q, a in zip(source.requests, responses, strict=True)]
+        for k in range(0, len(rows), SHARD_ROWS):
+            _write_data(dir, f"pools/{p}/{k // SHARD_ROWS}", rows[k:k + SHARD_ROWS])
 
 
 def _sweep_info(sweep: Sweep) -> dict:
@@ -124,10 +111,14 @@ def _sweep_info(sweep: Sweep) -> dict:
 
 
 def build_view(sources: list[Path], out: Path | None = None) -> Path:
-    """Write the viewer for every sweep under `sources` into `out` (default: the first
-    source's `view/`); returns its index.html. The dir is replaced whole."""
+    """Write the viewer for every sweep under `sources` into `out` (default: `view/` in the
+    first source, beside a report's `report/`); returns its index.html. The dir is replaced
+    whole."""
     from stagesweep.evaluate.analysis.stages import checkpoint_order
 
+    target = Path(out) if out else Path(sources[0]) / "view"
+    if target.exists() and not (target / "data" / "meta.js").exists():
+        raise UserError(f"--to {target}: exists and is not a stagesweep view; pick another dir")
     dirs = list(dict.fromkeys(d for src in sources for d in find_sweeps(src)))
     sweeps = [load_sweep(d) for d in dirs]
     frame = pd.concat([s.frame.assign(sweep=i) for i, s in enumerate(sweeps)],
@@ -159,22 +150,19 @@ def build_view(sources: list[Path], out: Path | None = None) -> Path:
                                      for v in part["format_adopted"]]
         labels[int(c)], formats[int(c)] = "".join(lab), "".join(fmt)
 
-    target = Path(out) if out else dirs[0] / "view"
-    if target.exists() and not (target / "data" / "meta.js").exists():
-        raise UserError(f"--to {target}: exists and is not a stagesweep view; pick another dir")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".view-", dir=target.parent))
     try:
-        pools = _PoolRows(sweeps)
+        pools = _pool_list(sweeps)
         _write_unit_shards(tmp, frame, units, sweeps, pools)
-        pools.write(tmp, sweeps)
+        _write_pools(tmp, sweeps, pools)
         _write_data(tmp, "meta", {
             "version": 1, "n": len(units), "shard_units": SHARD_UNITS, "shard_rows": SHARD_ROWS,
             "checkpoints": [{"name": n, "stage": _plain(meta_rows.loc[n, "stage"]),
                              "step": _plain(meta_rows.loc[n, "step"])} for n in order],
             "ids": units["unit_id"].tolist(), "columns": columns, "labels": labels,
             "formats": formats, "sweeps": [_sweep_info(s) for s in sweeps],
-            "pools": pools.pools,
+            "pools": pools, "answer_fields": ANSWER_FIELDS,
         })
         for asset in ASSETS.iterdir():
             shutil.copy(asset, tmp / asset.name)
@@ -186,33 +174,73 @@ def build_view(sources: list[Path], out: Path | None = None) -> Path:
     return target / "index.html"
 
 
+def _demo_refs(units: pd.DataFrame, sweeps: list[Sweep], pools: list[dict]
+               ) -> tuple[list, list]:
+    """Per unit: its demos as a flat [pool, row, pool, row, ...] list of pool positions in
+    prompt order, and its target as [pool, row]; None where the prompt cannot be rebuilt.
+    Vectorised: a paper-sized sweep has millions of demos."""
+    key = {(pool["sweep"], pool["name"]): p for p, pool in enumerate(pools)}
+    demos: list = [None] * len(units)
+    targets: list = [None] * len(units)
+    for i, sweep in enumerate(sweeps):
+        if sweep.pools is None or sweep.plan is None:
+            continue
+        mine = np.flatnonzero(units["sweep"].to_numpy() == i)
+        lists = prompt_demos(sweep, units["prompt_sha"].iloc[mine])
+        known = lists.map(lambda d: isinstance(d, np.ndarray | list)).to_numpy()
+        lists = lists[known]
+        offsets = np.concatenate([[0], np.cumsum(lists.map(len).to_numpy())])
+        pairs = lists.explode().dropna().astype(str).to_numpy()
+        names = np.array([d.partition(":")[0] for d in pairs], dtype=object)
+        ids = np.array([d.partition(":")[2] for d in pairs], dtype=object)
+        flat = np.zeros(2 * len(pairs), dtype=np.int64)
+        for name in np.unique(names):
+            at = np.flatnonzero(names == name)
+            flat[2 * at] = key[(i, name)]
+            # -1: a demo the pool no longer holds (the page says so)
+            flat[2 * at + 1] = pd.Series(ids[at]).map(sweep.pools[name].index()).fillna(-1)
+        for j, u in enumerate(mine[known]):
+            demos[u] = flat[2 * offsets[j]:2 * offsets[j + 1]].tolist()
+        index = sweep.pools[sweep.spec.targets_key].index()
+        p = key[(i, sweep.spec.targets_key)]
+        for u, query in zip(mine, units["query_id"].iloc[mine].astype(str), strict=True):
+            targets[u] = [p, index[query]] if query in index else None
+    return demos, targets
+
+
 def _write_unit_shards(dir: Path, frame: pd.DataFrame, units: pd.DataFrame,
-                       sweeps: list[Sweep], pools: _PoolRows) -> None:
-    """Per unit: its demos and target as pool row references, and every checkpoint's answer."""
+                       sweeps: list[Sweep], pools: list[dict]) -> None:
+    """Per unit: its demos and target as pool positions, and every checkpoint's answer as a
+    list of ANSWER_FIELDS."""
     frame = frame.sort_values(["u", "c"], kind="stable")
+    fields = [frame[f].astype(object).where(frame[f].notna(), None).tolist()
+              for f in ANSWER_FIELDS]
     answers: list[dict] = [{} for _ in range(len(units))]
-    for row in frame[["u", "c", *ANSWER_FIELDS]].itertuples(index=False):
-        answers[row.u][row.c] = {f: _plain(getattr(row, f)) for f in ANSWER_FIELDS}
-    shard: list[dict] = []
-    for u, (sweep, unit_id, query) in enumerate(zip(units["sweep"], units["unit_id"],
-                                                    units["query_id"], strict=True)):
-        s = sweeps[sweep]
-        demos = (s.plan or {}).get(unit_id.split("/s")[0])
-        target = pools.ref(sweep, s.spec.targets_key, str(query)) if s.spec else None
-        shard.append({
-            "demos": None if demos is None or s.pools is None
-            else [pools.ref(sweep, p, r) for p, r in demos],
-            "target": target, "answers": answers[u],
-        })
-        if len(shard) == SHARD_UNITS or u == len(units) - 1:
-            _write_data(dir, f"units/{u // SHARD_UNITS}", shard)
-            shard = []
+    for u, c, *values in zip(frame["u"].tolist(), frame["c"].tolist(), *fields, strict=True):
+        answers[u][c] = values
+    demos, targets = _demo_refs(units, sweeps, pools)
+    for k in range(0, len(units), SHARD_UNITS):
+        _write_data(dir, f"units/{k // SHARD_UNITS}", [
+            {"demos": demos[u], "target": targets[u], "answers": answers[u]}
+            for u in range(k, min(k + SHARD_UNITS, len(units)))])
+
+
+def view_server(dir: Path, host: str = "127.0.0.1", port: int = 8765
+                ) -> http.server.ThreadingHTTPServer:
+    """An http server of the view dir (loopback only unless `host` says otherwise); port 0
+    takes any free port."""
+    handler = partial(_QuietHandler, directory=str(dir))
+    return http.server.ThreadingHTTPServer((host, port), handler)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # one line per shard request would bury the URL
 
 
 def serve(dir: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Serve the view dir until Ctrl-C (loopback only unless `host` says otherwise)."""
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(dir))
-    with http.server.ThreadingHTTPServer((host, port), handler) as server:
+    """Serve the view dir until Ctrl-C."""
+    with view_server(dir, host, port) as server:
         print(f"serving http://{host}:{server.server_address[1]}/index.html (Ctrl-C stops)",
               flush=True)
         try:

@@ -5,6 +5,7 @@
 const PAGE = 50;
 const LABEL_NAMES = {c: "complied", r: "refused", o: "overflow", u: "unparsed",
                      n: "no_final_answer", f: "failed", g: "generated", "-": "no row"};
+const STATUS_CODES = {overflow: "o", unparsed: "u", no_final_answer: "n", failed: "f", generated: "g"};
 const CELL_FILTERS = ["design", "n_h", "n_b", "schedule", "opening", "query"];
 const cache = {};
 const pending = {};
@@ -219,13 +220,22 @@ function openUnit(u) {
   for (const tr of document.querySelectorAll("#units tbody tr")) {
     tr.classList.toggle("open", tr.dataset.unit === state.unit);
   }
-  renderDetail(u).catch(err => console.warn(err.message));
+  renderDetail(u).then(() => document.getElementById("detail").scrollIntoView())
+    .catch(err => console.warn(err.message));
 }
 
+// Pool rows [request, answer] for [pool, row] references; a row the pool lacks is null.
 async function rows(refs) {
-  const keys = new Set(refs.filter(Boolean).map(([p, r]) => "pools/" + p + "/" + Math.floor(r / meta.shard_rows)));
-  await Promise.all([...keys].map(load));
-  return refs.map(ref => ref && cache["pools/" + ref[0] + "/" + Math.floor(ref[1] / meta.shard_rows)][ref[1] % meta.shard_rows]);
+  const key = ([p, r]) => "pools/" + p + "/" + Math.floor(r / meta.shard_rows);
+  const found = refs.filter(ref => ref[1] >= 0);
+  await Promise.all([...new Set(found.map(key))].map(load));
+  return refs.map(ref => ref[1] >= 0 ? cache[key(ref)][ref[1] % meta.shard_rows] : null);
+}
+
+function pairs(flat) {
+  const out = [];
+  for (let i = 0; i < flat.length; i += 2) out.push([flat[i], flat[i + 1]]);
+  return out;
 }
 
 async function renderDetail(u) {
@@ -241,7 +251,10 @@ async function renderDetail(u) {
        " · opening " + value("opening", u) + " · query " + value("query", u) + " · draw " + value("draw", u))];
   parts.push(await renderPrompt(unit, u, sweep));
   const stages = el("div", {class: "stages"});
-  for (const c of shownCheckpoints()) stages.append(renderAnswer(c, unit.answers[c]));
+  for (const c of shownCheckpoints()) {
+    const values = unit.answers[c];
+    stages.append(renderAnswer(c, values && Object.fromEntries(meta.answer_fields.map((f, i) => [f, values[i]]))));
+  }
   parts.push(el("h3", {}, "answers, stage by stage"), stages);
   detail.replaceChildren(...parts);
 }
@@ -253,7 +266,8 @@ async function renderPrompt(unit, u, sweep) {
     return box;
   }
   const opening = sweep.openings[value("opening", u)] || null;
-  const kinds = unit.demos.map(ref => meta.pools[ref[0]].kind);
+  const refs = pairs(unit.demos);
+  const kinds = refs.map(ref => meta.pools[ref[0]].kind);
   const nHarm = kinds.filter(k => k === "harmful").length;
   box.append(el("h3", {}, "prompt"),
              el("p", {class: "muted"}, "messages as given to each checkpoint's chat template (" +
@@ -262,13 +276,14 @@ async function renderPrompt(unit, u, sweep) {
   const strip = el("div", {class: "strip", title: "demo kinds in prompt order (red harmful, blue benign)"},
     ...kinds.map((k, i) => el("span", {class: k, title: "#" + (i + 1) + " " + k})));
   const demos = el("details", {class: "demos"},
-    el("summary", {}, unit.demos.length + " demonstrations: " + nHarm + " harmful, " +
-       (unit.demos.length - nHarm) + " benign (expand)"));
+    el("summary", {}, refs.length + " demonstrations: " + nHarm + " harmful, " +
+       (refs.length - nHarm) + " benign (expand)"));
   demos.addEventListener("toggle", async () => {
     if (!demos.open || demos.dataset.filled) return;
     demos.dataset.filled = "1";
-    const texts = await rows(unit.demos);
-    texts.forEach(([request, response], i) => {
+    const texts = await rows(refs);
+    texts.forEach((row, i) => {
+      const [request, response] = row || ["(this demo is no longer in its pool)", ""];
       demos.append(el("div", {class: "demo " + kinds[i]},
         el("span", {class: "kind"}, "#" + (i + 1) + " " + kinds[i]),
         el("div", {class: "turn"}, "user: " + request),
@@ -276,16 +291,17 @@ async function renderPrompt(unit, u, sweep) {
     });
   });
   const [target] = await rows([unit.target]);
-  box.append(strip, demos, el("div", {class: "target"}, el("strong", {}, "target request: "), target[0]));
+  box.append(strip, demos, el("div", {class: "target"}, el("strong", {}, "target request: "),
+                              target ? target[0] : "(not in the target pool)"));
   return box;
 }
 
 function renderAnswer(c, a) {
   const col = el("div", {class: "stage", "data-ckpt": meta.checkpoints[c].name}, el("h3", {}, ckptLabel(c)));
   if (!a) { col.append(el("p", {class: "muted"}, "no answer stored")); return col; }
-  const lab = a.status === "ok" ? (a.complied === 1 ? "c" : "r") : (meta.labels[c].length ? a.status : "-");
+  const lab = a.status === "ok" ? (a.complied === 1 ? "c" : "r") : STATUS_CODES[a.status] || "f";
   col.append(
-    el("p", {}, el("span", {class: "badge verdict " + (lab.length === 1 ? lab : "o")},
+    el("p", {}, el("span", {class: "badge verdict " + lab},
                    a.status === "ok" ? LABEL_NAMES[lab] : a.status),
        a.format_adopted === 1 ? " · opening adopted" : a.format_adopted === 0 ? " · opening not adopted" : ""),
     el("p", {class: "muted"}, "judge " + (a.judge || "–") + " · " + (a.prompt_tokens ?? "–") +
