@@ -72,6 +72,44 @@ def test_every_template_gets_the_render_date_and_options():
         messages, add_generation_prompt=True, tokenize=False)
 
 
+# How the released templates ask for a date (written out from openai/gpt-oss-20b,
+# meta-llama/Llama-3.1-8B-Instruct and meta-llama/Llama-3.2-1B-Instruct chat templates).
+UPSTREAM_DATE_TEMPLATES = {
+    "gpt-oss": (
+        "{%- macro build_system_message() -%}"
+        "{{- 'Knowledge cutoff: 2024-06\\n' }}"
+        "{{- 'Current date: ' + strftime_now('%Y-%m-%d') + '\\n\\n' }}"
+        "{%- if reasoning_effort is not defined %}{%- set reasoning_effort = 'medium' %}"
+        "{%- endif %}{{- 'Reasoning: ' + reasoning_effort + '\\n\\n' }}"
+        "{%- endmacro -%}"
+        "{{- '<|start|>system<|message|>' }}{{- build_system_message() }}{{- '<|end|>' }}"
+    ),
+    "llama-3.1": (
+        "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+        "{{- 'Cutting Knowledge Date: December 2023\\n' }}"
+        "{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    ),
+    "llama-3.2": (
+        "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+        "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}"
+        "{%- set date_string = '26 Jul 2024' %}{%- endif %}{%- endif %}"
+        "{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    ),
+}
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("gpt-oss", "Current date: 2025-01-05\n\nReasoning: low\n"),
+    ("llama-3.1", "Today Date: 05 Jan 2025\n"),
+    ("llama-3.2", "Today Date: 05 Jan 2025\n"),
+])
+def test_released_templates_render_the_sweep_date_not_today(name, expected):
+    tok = load_tokenizer(str(ensure_tiny_model("olmo3")))
+    tok.chat_template = UPSTREAM_DATE_TEMPLATES[name]
+    spec = _spec(render_date="2025-01-05", chat_template_kwargs={"reasoning_effort": "low"})
+    assert expected in render_text(tok, [{"role": "user", "content": "hi"}], spec)
+
+
 def test_gpt_oss_sweep_killed_and_resumed_a_day_later_equals_uninterrupted(tmp_path, monkeypatch):
     ckpt = str(ensure_tiny_model("gpt-oss"))
     monkeypatch.setattr(render, "today", lambda: "2026-03-01")

@@ -20,12 +20,14 @@ USER_TURN = {
     "olmo3": "<|im_start|>user\n",
     "llama": "<|start_header_id|>user<|end_header_id|>",
     "gemma": "<start_of_turn>user\n",
+    "gemma4": "<|turn>user\n",
     "gpt-oss": "<|start|>user<|message|>",
 }
 ASSISTANT_TURN = {
     "olmo3": "<|im_start|>assistant\n",
     "llama": "<|start_header_id|>assistant<|end_header_id|>",
     "gemma": "<start_of_turn>model\n",
+    "gemma4": "<|turn>model\n",
     # harmony: demo answers go in the final channel, never in analysis
     "gpt-oss": "<|start|>assistant<|channel|>final<|message|>",
 }
