@@ -20,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lineage", metavar="DIR",
                    help="sweep every stage and intermediate checkpoint with a manifest under DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="output dir (store + results)")
-    p.add_argument("--backend", choices=["hf", "openai"], help="override the spec's backend")
+    p.add_argument("--backend", choices=["hf", "openai", "vllm"],
+                   help="override the spec's backend (vllm: pip install 'stagesweep[vllm]')")
+    p.add_argument("--tensor-parallel-size", type=int, metavar="N", help="--backend vllm: "
+                   "GPUs per model (with --num-processes M, M engines on N GPUs each)")
     p.add_argument("--base-url", metavar="URL", help="OpenAI-compatible server for --backend "
                    "openai (API key from $OPENAI_API_KEY)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (units per design, "
@@ -66,6 +69,18 @@ def handle(args: argparse.Namespace) -> int:
 
     if args.num_processes < 1:
         raise UserError("--num-processes must be at least 1")
+    spec = args.spec
+    if args.tensor_parallel_size is not None:
+        import dataclasses
+
+        from stagesweep.evaluate.spec import load_spec
+
+        if args.tensor_parallel_size < 1:
+            raise UserError("--tensor-parallel-size must be at least 1")
+        # into the spec's backend options, which the spec copy hands to every worker
+        spec = load_spec(spec)
+        spec = dataclasses.replace(spec, backend_options={
+            **spec.backend_options, "tensor_parallel_size": args.tensor_parallel_size})
     if args.dry_run or args.show_prompts:
         preview(args.spec, args.checkpoint, lineage=args.lineage,
                 chat_template=args.chat_template, dry_run=args.dry_run,
@@ -73,7 +88,7 @@ def handle(args: argparse.Namespace) -> int:
                 override_chat_template=args.override_chat_template)
         return 0
     run_sweep(
-        args.spec, args.checkpoint, Path(args.out), backend=args.backend,
+        spec, args.checkpoint, Path(args.out), backend=args.backend,
         base_url=args.base_url, lineage=args.lineage, retry_failed=args.retry_failed,
         prefix_sharing=not args.no_prefix_sharing, max_kv_gb=args.max_kv_gb,
         num_processes=args.num_processes, progress=not args.quiet,

