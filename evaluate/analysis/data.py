@@ -234,7 +234,7 @@ def choose_cluster(frame: pd.DataFrame, cluster: str) -> str:
 def judge_split(frame: pd.DataFrame) -> tuple[pd.DataFrame, str | None, dict | None]:
     """With several judges, fit on the first one listed and report pairwise Cohen's kappa on
     the units they both labelled."""
-    judges = list(dict.fromkeys(frame["judge"].dropna().astype(str)))
+    judges = list(frame["judge"].dropna().astype(str).unique())
     if len(judges) < 2:
         return frame, (judges[0] if judges else None), None
     key = unit_key(frame)

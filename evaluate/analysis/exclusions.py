@@ -101,8 +101,8 @@ def complete_queries(frame: pd.DataFrame, alpha: float, cluster: str) -> dict:
     """b2 on the queries with no excluded row at all: no imputation, but fewer queries and,
     if exclusion tracks difficulty, a different population of queries."""
     mask = excluded_mask(frame)
-    bad = set(frame.loc[mask, "query_id"])
-    rows = frame[~frame["query_id"].isin(bad)].astype({"complied": int})
+    bad = frame.assign(_x=mask).groupby("query_id")["_x"].transform("any")
+    rows = frame[~bad].astype({"complied": int})
     effect, _ = fits.benign_effect(rows, alpha=alpha, cluster=cluster)
     return {"n_queries": int(rows["query_id"].nunique()),
             **{k: effect.get(k) for k in ("beta", "ci_low", "ci_high", "p_value", "direction",

@@ -76,7 +76,7 @@ def difference_pp(frame: pd.DataFrame, column: str, first, second, alpha: float
     import statsmodels.api as sm
 
     rows = frame[frame[column].isin([first, second])]
-    if set(rows[column]) != {first, second}:
+    if rows[column].nunique() < 2:
         return None
     x = sm.add_constant((rows[column] == first).astype(float).rename("d"))
     diff = 100 * float(

@@ -47,7 +47,7 @@ def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str, sesoi_p
     overall = rates.rate_row(distinct_prompts(rows), alpha)
     zero = counts[(counts["n_harmful"] == 0) & (counts["n_benign"] == 0)]
     effect, fit = fits.benign_effect(counts, alpha=alpha, cluster=mode, sesoi_pp=sesoi_pp)
-    count_designs = list(dict.fromkeys(rows.loc[rows["_role"] == "count", "design"].dropna()))
+    count_designs = list(rows.loc[rows["_role"] == "count", "design"].dropna().unique())
     by_design = {
         name: fits.benign_effect(distinct_prompts(rows[rows["design"] == name]), alpha=alpha,
                                  cluster=mode, sesoi_pp=sesoi_pp)[0]
@@ -55,9 +55,9 @@ def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str, sesoi_p
     } if len(count_designs) > 1 else None
     # the study tests H_total on its total_count design, at alpha / (its number of N values)
     h_rows = counts[counts["design"] == h_total_design] if h_total_design in set(
-        counts["design"]) else counts
+        counts["design"].unique()) else counts
     h_total = {**hypotheses.h_total_tests(h_rows, alpha=alpha),
-               "designs": list(dict.fromkeys(h_rows["design"].dropna()))}
+               "designs": list(h_rows["design"].dropna().unique())}
     ordering, ordering_table = ordering_summary(rows, alpha)
     recency_summary, recency_table = recency.summarize(
         rows[rows["_role"] == "ordering"], alpha)
@@ -82,7 +82,7 @@ def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str, sesoi_p
         "baseline": rates.rate_row(zero, alpha) if len(zero) else None,
         "benign_effect": effect,
         "benign_effect_by_design": by_design,
-        "fit_designs": list(dict.fromkeys(counts["design"].dropna())),
+        "fit_designs": list(counts["design"].dropna().unique()),
         "h_total": h_total,
         "model_comparison": hypotheses.model_comparison(counts),
         "sensitivity": sensitivity_summary,

@@ -22,10 +22,10 @@ STAGE_RANK = {
 def checkpoint_order(frame: pd.DataFrame) -> list[str]:
     """Stages in lineage order (known stage names by rank, others by first appearance), steps
     ascending within a stage with the stage's final checkpoint (no step) last."""
-    first = {c: i for i, c in enumerate(dict.fromkeys(frame["checkpoint"]))}
+    first = {c: i for i, c in enumerate(frame["checkpoint"].unique())}
     meta = frame.groupby("checkpoint", sort=False).agg(stage=("stage", "first"),
                                                        step=("step", "first"))
-    stages = list(dict.fromkeys(meta["stage"].dropna().astype(str)))
+    stages = list(meta["stage"].dropna().astype(str).unique())
     ranked = all(s.lower() in STAGE_RANK for s in stages)
 
     def key(name: str):
@@ -75,15 +75,22 @@ def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluste
     base = {"from": a, "to": b, "delta_beta": None, "ci_low": None, "ci_high": None,
             "p_value": None}
     keyed = rows[rows["checkpoint"].isin([a, b])].assign(_k=lambda f: unit_key(f))
-    common = set(keyed.loc[keyed["checkpoint"] == a, "_k"]) & set(
-        keyed.loc[keyed["checkpoint"] == b, "_k"])
-    if not common and rows["unit_id"].notna().all():
+
+    def in_both(frame: pd.DataFrame) -> np.ndarray:
+        codes = pd.factorize(frame["_k"])[0]
+        is_a = (frame["checkpoint"] == a).to_numpy()
+        seen_a, seen_b = (np.bincount(codes[m], minlength=codes.max() + 1) > 0
+                          for m in (is_a, ~is_a))
+        return seen_a[codes] & seen_b[codes]
+
+    both = in_both(keyed)
+    if not both.any() and rows["unit_id"].notna().all():
         # unit ids may embed the checkpoint; fall back to the prompt's own coordinates
         keyed = keyed.assign(_k=prompt_key(keyed))
-        common = set(keyed.loc[keyed["checkpoint"] == a, "_k"]) & set(
-            keyed.loc[keyed["checkpoint"] == b, "_k"])
-    paired = keyed[keyed["_k"].isin(common)]
-    base["n_paired_units"] = len(common)
+        both = in_both(keyed)
+    paired = keyed[both]
+    common = paired["_k"].nunique()
+    base["n_paired_units"] = int(common)
 
     def problem(part: pd.DataFrame) -> str | None:
         for name in (a, b):
