@@ -15,8 +15,9 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -175,7 +176,8 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are opened explicitly, one per batch.
         self.conn = sqlite3.connect(self.path, isolation_level=None)
-        self.conn.executescript(_SCHEMA)
+        with self._disk_errors():
+            self.conn.executescript(_SCHEMA)
 
     def close(self) -> None:
         self.conn.close()
@@ -220,17 +222,24 @@ class ResultStore:
         )
 
     def _write(self, sql: str, params: list[tuple]) -> None:
+        with self._disk_errors(), self.conn:  # commit on success, roll back on error
+            self.conn.execute("BEGIN")
+            self.conn.executemany(sql, params)
+
+    @contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """A full disk (SQLite says "full", or "disk I/O error" past a size limit) is one line
+        naming the store; the failed transaction was rolled back, so nothing stored is lost."""
         try:
-            with self.conn:  # commit on success, roll back on error
-                self.conn.execute("BEGIN")
-                self.conn.executemany(sql, params)
+            yield
         except sqlite3.OperationalError as err:
-            if "full" not in str(err):
+            if "full" not in str(err) and "disk I/O" not in str(err):
                 raise
             from stagesweep.cli import UserError
 
-            raise UserError(f"cannot write {self.path}: {err}; free space there and re-run the "
-                            "same command (every answer stored so far is kept)") from None
+            raise UserError(f"cannot write {self.path}: {err}; free space there (or check the "
+                            "disk) and re-run the same command: every answer stored so far is "
+                            "kept") from None
 
     def frame(self, fingerprints: list[str]) -> pd.DataFrame:
         import pandas as pd

@@ -428,3 +428,30 @@ def test_analyze_refuses_empty_malformed_or_garbage_tables_in_one_line(
         err = capsys.readouterr().err
         assert code == 2 and len(err.splitlines()) == 1 and name in err, (name, err)
         assert _snapshot(out) == before, name
+
+
+def test_a_full_disk_is_one_line_naming_the_store_and_keeps_what_was_stored(finished, tmp_path):
+    import resource
+
+    _, done, expected = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    store = out / "sweep.sqlite"
+
+    def no_room_to_grow() -> None:
+        # A file-size limit stands in for a full disk: writes past the store's first page fail.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    # A second checkpoint's answers need room the "disk" no longer has.
+    proc = subprocess.run(
+        _sweep_cmd(_write_spec(tmp_path / "spec.yaml"), ensure_tiny_model("llama"), out,
+                   "--quiet"), preexec_fn=no_room_to_grow, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"stagesweep sweep: error: cannot write {store}: ")
+    assert len(proc.stderr.splitlines()) == 1
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), expected)
+    with sqlite3.connect(store) as conn:
+        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == len(expected)
