@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"stagesweep {args.command}: error: {err}", file=sys.stderr)
+        from stagesweep.safeio import redact_text
+
+        # Messages quote user values (URLs, overrides) that can carry credentials.
+        print(f"stagesweep {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
         return 2
 
 
