@@ -489,7 +489,8 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
     reference = _render_with_reference(spec, refs, templates)
     units, pools = fit_to_windows(spec, units, pools, [
         setup_checkpoint(ref, spec, weights=False, allow_pickle=allow_pickle,
-                         render_with=reference, **templates) for ref in refs])
+                         render_with=reference, **templates) for ref in refs],
+        report=progress and shard is None)
     backend_name = backend or spec.backend
     opts = {
         "backend": backend_name, "base_url": base_url or spec.backend_options.get("base_url"),

@@ -283,14 +283,17 @@ def apply_fit(spec: SweepSpec, units: list[WorkUnit], pools: dict[str, DemoPool]
 
 
 def fit_to_windows(spec: SweepSpec, units: list[WorkUnit], pools: dict[str, DemoPool],
-                   setups: list) -> tuple[list[WorkUnit], dict[str, DemoPool]]:
+                   setups: list, *, report: bool = False
+                   ) -> tuple[list[WorkUnit], dict[str, DemoPool]]:
     """Apply `fit:` before any weights load; `fit: error` stops with one line naming the
-    checkpoint, its window and the overflowing cells."""
+    checkpoint, its window and the overflowing cells. `report` prints what was fitted."""
     units, pools, lines = apply_fit(spec, units, pools, setups)
     if lines and spec.fit is Fit.ERROR:
         raise UserError("prompts overflow the context window before any compute: "
                         + "; ".join(lines) + ". Set fit: truncate_demos or fit: drop_cells in "
                         "the spec, or use smaller cells")
+    for line in lines if report else []:
+        print(f"overflow: {line}")
     return units, pools
 
 
