@@ -29,6 +29,40 @@ class PowerRow:
     power: float
     mc_se: float
     mean_estimate: float | None
+    # the planted (conditional, per-query) effect on the population-averaged scale the
+    # analysis tests: random intercepts pull a marginal logistic slope toward 0
+    population_averaged: float
+    contexts: str = "per_query"
+
+
+def population_averaged(spec, b2: float) -> float:
+    """The population-averaged b2 implied by a conditional model: the marginal rate of each cell
+    (integrating the query intercept and slope over their normal distributions by Gauss-Hermite
+    quadrature) fitted by the same logistic model the analysis uses."""
+    import warnings
+
+    import numpy as np
+    import statsmodels.api as sm
+
+    from stagesweep.evaluate.analysis.simulate import grid
+
+    cells = np.array(grid(spec.design))
+    nodes, weights = np.polynomial.hermite_e.hermegauss(24)
+    weights = weights / weights.sum()
+    log_nb = np.log1p(cells[:, 1])
+    eta = spec.b0 + spec.b1 * np.log1p(cells[:, 0]) + b2 * log_nb
+    u = spec.intercept_sd * nodes
+    s = spec.slope_sd * nodes
+    centred = log_nb - log_nb.mean()
+    linear = (eta[:, None, None] + u[None, :, None] + s[None, None, :] * centred[:, None, None])
+    rate = (1 / (1 + np.exp(-linear)) * weights[:, None] * weights[None, :]).sum(axis=(1, 2))
+    x = sm.add_constant(np.column_stack([np.log1p(cells[:, 0]), log_nb]))
+    if len(set(cells[:, 0])) < 2:
+        x = x[:, [0, 2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = sm.GLM(rate, x, family=sm.families.Binomial()).fit()
+    return float(fit.params[-1])
 
 
 def detects(spec, alpha: float) -> tuple[bool, float | None]:
@@ -39,14 +73,15 @@ def detects(spec, alpha: float) -> tuple[bool, float | None]:
     from stagesweep.evaluate.analysis.simulate import simulate
 
     frame = analysis.validate(simulate(spec), "simulation")
+    cluster = "query+draw" if spec.contexts == "shared" else "query"
     if spec.design == "stages":
         a, b = (c.name for c in spec.checkpoints)
         truth = spec.checkpoints[1].b2 - spec.checkpoints[0].b2
-        result = analysis.stage_difference(frame, a, b, alpha=alpha, cluster="query")
+        result = analysis.stage_difference(frame, a, b, alpha=alpha, cluster=cluster)
         estimate = result["delta_beta"]
     else:
         truth = spec.b2
-        result, _ = fits.benign_effect(frame, alpha=alpha, cluster="query")
+        result, _ = fits.benign_effect(frame, alpha=alpha, cluster=cluster)
         estimate = result["beta"]
     if estimate is None or result["p_value"] is None or result["p_value"] >= alpha:
         return False, estimate
@@ -60,13 +95,14 @@ def power_table(
     draws: int,
     b2: list[float],
     heterogeneity: float = 0.0,
-    intercept_sd: float = 0.5,
+    intercept_sd: float = 1.0,
     b0: float = -1.0,
     b1: float = 0.4,
     b2_from: float = 0.0,
     sims: int = 200,
     alpha: float = 0.05,
     seed: int = 0,
+    contexts: str = "per_query",
 ) -> list[PowerRow]:
     """One row per (queries, b2). For `stages`, b2 is the planted change from a stage whose
     slope is `b2_from`; for `joint`/`total_count`, the planted slope itself."""
@@ -82,7 +118,7 @@ def power_table(
         for i in range(sims):
             spec = SimSpec(design=design, queries=q, draws=draws, b0=b0, b1=b1, b2=effect,
                            intercept_sd=intercept_sd, slope_sd=heterogeneity,
-                           checkpoints=checkpoints, seed=seed + i)
+                           checkpoints=checkpoints, contexts=contexts, seed=seed + i)
             hit, estimate = detects(spec, alpha)
             hits += hit
             if estimate is not None:
@@ -93,6 +129,9 @@ def power_table(
             units_per_checkpoint=q * draws * len(grid(design)), sims=sims, power=p,
             mc_se=math.sqrt(p * (1 - p) / sims),
             mean_estimate=sum(estimates) / len(estimates) if estimates else None,
+            population_averaged=population_averaged(spec, b2_from + effect)
+            - (population_averaged(spec, b2_from) if design == "stages" else 0.0),
+            contexts=contexts,
         ))
     return rows
 
@@ -100,12 +139,13 @@ def power_table(
 def format_table(rows: list[PowerRow]) -> str:
     label = "delta b2" if rows and rows[0].design == "stages" else "b2"
     lines = [f"{'design':<12} {'queries':>7} {'draws':>5} {label:>8} {'hetero':>6} "
-             f"{'units/ckpt':>10} {'power':>6} {'± MC se':>8} {'mean est':>9}"]
+             f"{'units/ckpt':>10} {'PA eff.':>8} {'power':>6} {'± MC se':>8} {'mean est':>9}"]
     for r in rows:
         mean = "-" if r.mean_estimate is None else f"{r.mean_estimate:+.3f}"
         lines.append(
             f"{r.design:<12} {r.queries:>7} {r.draws:>5} {r.b2:>+8.3f} {r.heterogeneity:>6.2f} "
-            f"{r.units_per_checkpoint:>10} {r.power:>6.2f} {r.mc_se:>8.3f} {mean:>9}"
+            f"{r.units_per_checkpoint:>10} {r.population_averaged:>+8.3f} {r.power:>6.2f} "
+            f"{r.mc_se:>8.3f} {mean:>9}"
         )
     return "\n".join(lines)
 
@@ -129,14 +169,23 @@ def register(subparsers) -> None:
                         help="stages design: the earlier stage's slope (default 0)")
     parser.add_argument("--heterogeneity", type=float, default=0.0,
                         help="SD of the benign slope between queries (default 0)")
-    parser.add_argument("--intercept-sd", type=float, default=0.5,
-                        help="SD of query difficulty on the logit scale (default 0.5)")
+    parser.add_argument("--intercept-sd", type=float, default=1.0,
+                        help="SD of query difficulty on the logit scale (default 1)")
     parser.add_argument("--b0", type=float, default=-1.0, help="intercept (logit of baseline)")
     parser.add_argument("--b1", type=float, default=0.4, help="harmful-demo slope")
     parser.add_argument("--sims", type=int, default=200, help="simulations per row (default 200)")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the table as CSV here")
+    parser.add_argument(
+        "--validate", action="store_true",
+        help="instead of a power table, run the analysis's validation scenarios (the README's "
+        "simulation table): --sims per scenario, --heavy-sims for the 1,404-query one")
+    parser.add_argument("--heavy-sims", type=int, default=None, metavar="N",
+                        help="--validate: simulations of the 1,404-query scenario (default "
+                        "--sims)")
+    parser.add_argument("--only", nargs="+", metavar="SCENARIO",
+                        help="--validate: run only these scenarios")
     parser.set_defaults(func=handler)
 
 
@@ -148,6 +197,8 @@ def handler(args) -> int:
     if args.heterogeneity < 0 or args.intercept_sd < 0:
         raise UserError("--heterogeneity and --intercept-sd are standard deviations: use >= 0")
     start = time.perf_counter()
+    if args.validate:
+        return validate(args, start)
     rows = power_table(
         design=args.design, queries=args.queries, draws=args.draws, b2=args.b2,
         heterogeneity=args.heterogeneity, intercept_sd=args.intercept_sd, b0=args.b0,
@@ -160,4 +211,23 @@ def handler(args) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(args.out) as tmp:
             pd.DataFrame([r.__dict__ for r in rows]).to_csv(tmp, index=False)
+    return 0
+
+
+def validate(args, start: float) -> int:
+    """`--validate`: every scenario of evaluate/analysis/validation.py as a markdown table."""
+    from stagesweep.cli import UserError
+    from stagesweep.evaluate.analysis import validation
+
+    unknown = sorted(set(args.only or []) - set(validation.SCENARIOS))
+    if unknown:
+        raise UserError(f"--only {unknown[0]}: no such scenario (have: "
+                        f"{', '.join(validation.SCENARIOS)})")
+    rows = validation.run(args.sims, seed=args.seed, only=args.only,
+                          heavy_sims=args.heavy_sims)
+    print(validation.format_rows(rows))
+    print(f"({time.perf_counter() - start:.0f}s)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([r.__dict__ for r in rows]).to_csv(args.out, index=False)
     return 0
