@@ -259,6 +259,81 @@ def notes(summary: dict) -> list[str]:
     return out
 
 
+ANSWER = ["checkpoint", "b2", "95% CI", "p", "verdict", "compliance"]
+
+
+def _change(d: dict) -> str:
+    """A stage difference's reading: the verdict analyze gives it, else its interval's sign."""
+    if d.get("verdict"):
+        return d["verdict"]
+    if d.get("ci_low") is None:
+        return "–"
+    return ("b2 rose" if d["ci_low"] > 0 else "b2 fell" if d["ci_high"] < 0
+            else "no change detected")
+
+
+def answer_rows(summary: dict, audit: bool) -> list[list[str]]:
+    """The study's table: b2, interval, p, verdict and compliance per checkpoint; then each
+    stage difference (Δb2); for an audit, the published rows of PAPER.md below."""
+    rows = []
+    for name, c in summary["checkpoints"].items():
+        e = c["benign_effect"]
+        rows.append([name, _fmt(e["beta"]), f"[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]",
+                     _fmt(e["p_value"], "{:.2g}"), e.get("verdict") or e["direction"],
+                     _fmt(c["compliance_rate"], "{:.1%}")])
+    for d in summary["stage_differences"]:
+        rows.append([f"{d['from']} → {d['to']} (Δb2)", _fmt(d["delta_beta"]),
+                     f"[{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]",
+                     _fmt(d["p_value"], "{:.2g}"), _change(d), "–"])
+    if audit:
+        from stagesweep.evaluate.audit import PUBLISHED
+
+        rows += [[f"{model} (published)", f"{b2:+.4f}", "–", f"{p:.2g}", reading, "–"]
+                 for model, b2, p, reading in PUBLISHED]
+    return rows
+
+
+def _viewer_link(**filters: object) -> str:
+    """The answer viewer (`stagesweep view DIR` writes DIR/view/) filtered to one plot cell."""
+    from urllib.parse import urlencode
+
+    return "../view/index.html#" + urlencode({k: v for k, v in filters.items()})
+
+
+def _phi(value: float) -> str:
+    return f"{round(float(value), 3):g}"  # as the viewer prints phi
+
+
+def cell_links(name: str, summary: dict, tables: dict[str, pd.DataFrame]
+               ) -> list[tuple[str, str]]:
+    """(label, viewer link) for every point of plot `name`: the answers behind it."""
+    cells, links = tables["cells"], []
+    if name in ("b2_per_checkpoint", "b2_trajectory"):
+        links = [(c, _viewer_link(at=c)) for c in summary["checkpoints"]]
+    elif name in ("compliance_vs_nb", "h_total_phi") and not cells.empty:
+        for r in cells.itertuples():
+            links.append((f"{r.checkpoint} N_h={r.n_harmful} N_b={r.n_benign}: {r.rate:.0%}",
+                          _viewer_link(at=r.checkpoint, n_h=r.n_harmful, n_b=r.n_benign)))
+    elif name == "ordering":
+        for r in tables["ordering"].itertuples():
+            links.append((f"{r.checkpoint} phi={_phi(r.phi)} {r.schedule}: {r.rate:.0%}",
+                          _viewer_link(at=r.checkpoint, phi=_phi(r.phi), schedule=r.schedule)))
+    elif name == "format_adoption":
+        for r in tables["format"].drop_duplicates(["checkpoint", "opening"]).itertuples():
+            links.append((f"{r.checkpoint} {r.opening}",
+                          _viewer_link(at=r.checkpoint, opening=r.opening)))
+    return links
+
+
+def _links_html(links: list[tuple[str, str]]) -> str:
+    if not links:
+        return ""
+    items = " · ".join(f"<a href='{html.escape(href)}'>{html.escape(label)}</a>"
+                       for label, href in links)
+    return (f"<details class='answers'><summary>answers behind this plot ({len(links)} "
+            f"points)</summary><p>{items}</p></details>")
+
+
 def _md(text: str) -> str:
     """Text for summary.md: Markdown renders raw HTML and splits table cells on `|`, so a
     checkpoint named `<img onerror=...>` or `a|b` is escaped as the HTML report escapes it."""
@@ -318,7 +393,9 @@ def write_report(dir: Path, *, wandb: bool = False) -> Path:
     settings = summary.get("settings", {})
     intro = (f"Model: {settings.get('model', '')}. Alpha {settings.get('alpha')}, errors "
              f"clustered by {settings.get('clustering')}. Source: {settings.get('source')}.")
-    md = ["# stagesweep report", "", _md(intro), "", "## Per checkpoint", "",
+    answer = answer_rows(summary, audit=(dir / "audit.json").exists())
+    md = ["# stagesweep report", "", "## The answer", "", _md_table(ANSWER, answer), "",
+          _md(intro), "", "## Per checkpoint", "",
           _md_table(HEADLINE, headline_rows(summary)), "", "## Stage differences", "",
           _md_table(DIFFS, difference_rows(summary)) if summary["stage_differences"]
           else "(one checkpoint: nothing to compare)", ""]
@@ -333,7 +410,11 @@ def write_report(dir: Path, *, wandb: bool = False) -> Path:
     imgs = "".join(
         f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{html.escape(t)}"
-        "</figcaption></figure>" for t, p in figures)
+        f"</figcaption>{_links_html(cell_links(p.stem, summary, tables))}</figure>"
+        for t, p in figures)
+    viewer = ("" if (dir / "view" / "index.html").exists() else
+              f"<p>Every answer behind a plot: <code>stagesweep view {html.escape(str(dir))}"
+              "</code> writes the viewer the plots link to.</p>")
     by_design = (f"<h2>Benign effect by design</h2>"
                  f"{_html_table(BY_DESIGN, by_design_rows(summary))}"
                  if by_design_rows(summary) else "")
@@ -343,7 +424,8 @@ def write_report(dir: Path, *, wandb: bool = False) -> Path:
 table{{border-collapse:collapse;margin:1em 0;font-size:0.9em}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
 th{{background:#f4f6f7}} img{{max-width:100%}} figure{{margin:1.5em 0}}</style></head><body>
-<h1>stagesweep report</h1><p>{html.escape(intro)}</p>
+<h1>stagesweep report</h1><h2>The answer</h2>{_html_table(ANSWER, answer)}
+<p>{html.escape(intro)}</p>{viewer}
 <h2>Per checkpoint</h2>{_html_table(HEADLINE, headline_rows(summary))}
 <h2>Stage differences</h2>{_html_table(DIFFS, difference_rows(summary))}{by_design}
 <h2>Figures</h2>{imgs}<h2>Notes</h2><ul>{note_items}</ul></body></html>

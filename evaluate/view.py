@@ -123,6 +123,9 @@ def build_view(sources: list[Path], out: Path | None = None) -> Path:
     sweeps = [load_sweep(d) for d in dirs]
     frame = pd.concat([s.frame.assign(sweep=i) for i, s in enumerate(sweeps)],
                       ignore_index=True)
+    # A hand-made results table may hold only what `analyze` needs.
+    needed = ["stage", "step", *UNIT_COLUMNS.values(), *ANSWER_FIELDS]
+    frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *needed])))
     order = checkpoint_order(frame)
     ckpt_index = {name: i for i, name in enumerate(order)}
     meta_rows = frame.drop_duplicates("checkpoint").set_index("checkpoint")
