@@ -67,3 +67,24 @@ def test_bad_workload_is_one_line_error(llama, capsys, args, message):
     assert main(["bench", "--checkpoint", str(llama), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_paper_workload_is_study_shaped(llama):
+    from transformers import AutoTokenizer
+
+    from stagesweep.evaluate.bench import PAPER_WORKLOAD, Workload
+
+    spec = bench_spec(PAPER_WORKLOAD)
+    assert spec.contexts.value == "per_query" and spec.draws == 2
+    assert [d.type.value for d in spec.designs] == ["total_count", "joint"]
+    cells = sum(len(d.cells()) for d in spec.designs)
+    assert cells == 3 * 5 + 3 * 3  # N in {4, 8, 16} x five mixes; N_h, N_b in {0, 4, 8}
+    tok = AutoTokenizer.from_pretrained(llama)
+    paper = [r.prompt_ids for r in build_requests(tok, PAPER_WORKLOAD)]
+    # 24 cells x 2 queries x 2 draws, less what the plan asks once: the 6 joint cells that
+    # are also total-count cells, and the demo-free cell's second draw
+    assert len(paper) == cells * 2 * 2 - 6 * 2 * 2 - 2
+    shared = [r.prompt_ids for r in build_requests(tok, Workload(max_demos=16, queries=2))]
+    # per-query draws share far less than one context reused by every query
+    ratio = sum(map(len, paper)) / trie_tokens(paper)
+    assert 1 < ratio < sum(map(len, shared)) / trie_tokens(shared)
