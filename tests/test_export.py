@@ -11,6 +11,7 @@ import pytest
 from synthetic_sweep import synthetic_sweep
 
 from stagesweep.cli import main
+from stagesweep.evaluate.export import find_sweeps
 from stagesweep.evaluate.store import RESULT_COLUMNS
 
 
@@ -67,3 +68,11 @@ def test_export_never_overwrites_a_dir_that_is_not_a_dataset(sweep, tmp_path, ca
     assert main(["export", str(sweep), "--to", str(tmp_path)]) == 2
     assert "not an exported dataset" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_an_analysis_dir_leads_to_the_sweep_it_was_computed_from(sweep, tmp_path):
+    from stagesweep.evaluate.analysis import analyze
+
+    analyze(sweep, tmp_path / "analysis")
+    assert find_sweeps(tmp_path / "analysis") == [sweep]
+    assert find_sweeps(sweep.parent) == [sweep]
