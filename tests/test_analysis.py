@@ -234,3 +234,118 @@ def test_checkpoint_with_every_row_failed(tmp_path):
     assert out["h_total"]["skipped"] == "no usable rows with at least one demonstration"
     (diff,) = summary["stage_differences"]
     assert diff["skipped"].startswith("dead: no usable rows")
+
+
+def test_a_folder_with_two_copies_of_one_sweep_is_refused(tmp_path):
+    for name in ("run", "run-copy"):
+        (tmp_path / name).mkdir()
+        two_stage_table().to_parquet(tmp_path / name / "results.parquet")
+    with pytest.raises(UserError) as err:
+        analysis.analyze(tmp_path, tmp_path / "out")
+    message = str(err.value)
+    assert "\n" not in message and "two copies" in message
+    assert str(tmp_path / "run" / "results.parquet") in message
+    assert str(tmp_path / "run-copy" / "results.parquet") in message
+    doubled = pd.concat([two_stage_table()] * 2)
+    with pytest.raises(UserError, match="appears more than once for checkpoint 'sft'"):
+        analysis.analyze(doubled, tmp_path / "out")
+
+
+def test_shared_prompts_count_once_and_h_total_uses_total_count(tmp_path):
+    """paper.yaml's designs: 10 cells per query and draw are one prompt in total_count and
+    joint, and the zero-demo prompt is one per query; the pooled fit sees each once."""
+    frame = simulate(SimSpec(design="paper", queries=12, seed=3, b2=0.2))
+    out = analysis.analyze(frame, tmp_path)["checkpoints"]["model"]
+    assert out["n_units"] == len(frame)
+    assert out["benign_effect"]["n_obs"] == frame["prompt_sha"].nunique() == out[
+        "n_distinct_prompts"]
+    assert out["h_total"]["designs"] == ["total_count"]
+    assert out["h_total"]["alpha_bonferroni"] == pytest.approx(0.05 / 6)
+    largest = out["h_total"]["tests"][0]["largest_difference"]
+    assert largest["ci_low_pp"] <= largest["difference_pp"] <= largest["ci_high_pp"]
+    assert out["baseline"]["n"] == 12 and out["baseline"]["n_queries"] == 12
+    assert out["baseline"]["interval"].startswith("query-clustered")
+
+
+def test_verdict_holm_primary_and_all_three_stage_coefficients(tmp_path):
+    frame = two_stage_table()
+    summary = analysis.analyze(frame, tmp_path, sesoi_pp=1.5, primary=("dpo", "sft"))
+    sft = summary["checkpoints"]["sft"]["benign_effect"]
+    assert sft["verdict"] == "amplification" and sft["equivalence"]["sesoi_pp"] == 1.5
+    pp = sft["effect_pp"]
+    assert pp["ci_low_pp"] < pp["change_pp"] < pp["ci_high_pp"] and pp["change_pp"] > 0
+    assert sft["p_holm"] >= sft["p_value"]
+    first, second = summary["stage_differences"]
+    assert (first["from"], first["to"], first["primary"]) == ("sft", "dpo", False)
+    assert (second["from"], second["to"], second["primary"]) == ("dpo", "sft", True)
+    for d in (first, second):
+        assert d["p_holm"] >= d["p_value"]
+        assert set(d["b0_difference"]) >= {"delta", "ci_low", "ci_high", "p_value"}
+        assert d["b1_difference"]["ci_low"] < d["b1_difference"]["ci_high"]
+    assert first["delta_beta"] == pytest.approx(-second["delta_beta"])
+    assert summary["b2_by_checkpoint"][0]["verdict"] == "amplification"
+    # a null effect on many queries is negligible, on few inconclusive
+    many = simulate(SimSpec(design="joint", queries=600, b2=0.0, intercept_sd=1.0, seed=2))
+    few = simulate(SimSpec(design="joint", queries=12, b2=0.0, intercept_sd=1.0, seed=2))
+    verdicts = [analysis.analyze(f, tmp_path / "v")["checkpoints"]["model"]["benign_effect"]
+                for f in (many, few)]
+    assert [v["verdict"] for v in verdicts] == ["negligible", "inconclusive"]
+    assert all(v["direction"] == "none" for v in verdicts)
+
+
+def test_exclusions_are_located_tested_and_bounded(tmp_path):
+    frame = simulate(SimSpec(design="joint", queries=40, b2=0.0, intercept_sd=1.0,
+                             exclusion=(-5.5, 0.6, 1.5), seed=5))
+    out = analysis.analyze(frame, tmp_path)["checkpoints"]["model"]
+    block = out["exclusions"]
+    distinct = frame.drop_duplicates("prompt_sha")  # the zero-demo prompt once per query
+    assert block["n_excluded"] == (distinct["status"] == "overflow").sum() > 0
+    assert block["by_status"] == {"overflow": block["n_excluded"]}
+    assert sum(c["n_excluded"] for c in block["by_cell"]) == block["n_excluded"]
+    assert sum(q["n_excluded"] for q in block["by_query"].values()) == block["n_excluded"]
+    assert block["dependence"]["depends"] and "exclusion depends" in block["warning"]
+    bounds = block["b2_bounds"]
+    assert bounds["as_refused"]["beta"] < bounds["as_complied"]["beta"]
+    assert bounds["outer_ci_low"] <= bounds["low"] <= bounds["high"] <= bounds["outer_ci_high"]
+    complete = block["complete_queries"]
+    assert 0 < complete["n_queries"] < 40
+    cells = pd.read_csv(tmp_path / "exclusions_cells.csv")
+    assert cells["n_excluded"].sum() == block["n_excluded"]
+    assert (tmp_path / "exclusions_queries.csv").exists()
+    clean = analysis.analyze(simulate(SimSpec(design="joint", queries=10, seed=5)),
+                             tmp_path)["checkpoints"]["model"]["exclusions"]
+    assert clean == {"n_excluded": 0, "share": 0.0}
+
+
+def test_sensitivity_recency_and_observed_vs_fitted(tmp_path):
+    spec = SimSpec(design="joint", queries=30, b2=0.3, intercept_sd=1.0, seed=9,
+                   ordering={"prefix": -1.0, "middle": -0.5, "interleave": 0.6, "suffix": 1.0})
+    out = analysis.analyze(simulate(spec), tmp_path)["checkpoints"]["model"]
+    sens = out["sensitivity"]
+    assert sens["mixed_model"]["method"].startswith("binomial GLMM, Laplace")
+    assert sens["mixed_model"]["ci_low"] < 0.3 < sens["mixed_model"]["ci_high"]
+    assert sens["mixed_model"]["intercept_sd"] > 0.5
+    shifts = sens["categorical_nb"]["shifts"]
+    assert [s["n_benign"] for s in shifts] == [0, 4, 16, 64] and shifts[-1]["log_odds"] > 0
+    assert sens["without_zero_demo_cells"]["direction"] == "amplification"
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    assert (cells["fitted"] - cells["rate"]).abs().max() < 0.2
+    recency = out["recency"]
+    # at 32 + 32: prefix leaves 32 benign demos after the last harmful one, middle 16, the rest 0
+    assert [r["distance"] for r in recency["by_distance"]] == [0, 16, 32]
+    assert recency["distance_fit"]["slope"] < 0 < recency["last_k_fit"]["slope"]
+    assert recency["n_random_units_without_positions"] == 0
+    assert len(pd.read_csv(tmp_path / "recency.csv")) == 3
+
+
+def test_shared_contexts_with_few_draws_make_no_direction_call(tmp_path):
+    frame = simulate(SimSpec(design="stages", queries=20, draws=2, contexts="shared",
+                             b2=0.5, seed=4, checkpoints=[SimCheckpoint("sft", 0.5, "sft"),
+                                                          SimCheckpoint("dpo", -0.5, "dpo")]))
+    summary = analysis.analyze(frame, tmp_path)
+    effect = summary["checkpoints"]["sft"]["benign_effect"]
+    assert effect["direction"] == "none" and effect["verdict"] == "inconclusive"
+    assert effect["p_value"] is None and "only 2 draws" in effect["skipped"]
+    assert effect["conditional_on_draws"]["p_value"] < 0.05
+    (diff,) = summary["stage_differences"]
+    assert diff["p_value"] is None and "draw-level uncertainty" in diff["skipped"]
