@@ -425,10 +425,8 @@ def check_run(spec: SweepSpec, backend: str, *, base_url: str | None = None,
     """Refuse, before anything loads, what would otherwise fail (or mislead) only after
     answers were generated: an unknown judge or backend, backend options it does not take, a
     key written into the spec, nonsensical run options."""
-    import inspect
-
     from stagesweep.evaluate.backends.base import BACKENDS, get_backend_class
-    from stagesweep.evaluate.judges.base import JUDGES
+    from stagesweep.evaluate.judges.base import JUDGES, get_judge_class
 
     file = spec.source or "<spec>"
     for what, name, registry in (("judge", spec.judge, JUDGES), ("backend", backend, BACKENDS)):
@@ -443,13 +441,20 @@ def check_run(spec: SweepSpec, backend: str, *, base_url: str | None = None,
                                 "into the out dir; remove it and export it instead (the openai "
                                 "backend reads $OPENAI_API_KEY, or the variable named by "
                                 f"{where}.api_key_env)")
-    params = inspect.signature(get_backend_class(backend).__init__).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        taken = set(params) - {"self", "base_url", "model_path", "tokenizer"}
-        for key in spec.backend_options:
+    for where, options, what, cls, set_by_sweep in (
+            ("backend_options", spec.backend_options, f"the {backend} backend",
+             get_backend_class(backend), {"model_path", "tokenizer", "trust_remote_code",
+                                          "allow_pickle", "prefix_sharing", "max_kv_gb"}),
+            ("judge_options", spec.judge_options, f"judge {spec.judge}",
+             get_judge_class(spec.judge), set())):
+        taken = _keywords(cls)
+        if taken is None:
+            continue
+        taken -= set_by_sweep
+        for key in options:
             if key not in taken | {"base_url"}:
-                raise UserError(f"{file}: backend_options.{key} is not an option of the "
-                                f"{backend} backend; it takes {', '.join(sorted(taken))}")
+                raise UserError(f"{file}: {where}.{key} is not an option of {what}; it takes "
+                                f"{', '.join(sorted(taken)) or 'none'}")
     if backend == "openai" and not (base_url or spec.backend_options.get("base_url")):
         raise UserError("the openai backend needs --base-url URL (or backend_options.base_url "
                         "in the spec)")
@@ -460,6 +465,22 @@ def check_run(spec: SweepSpec, backend: str, *, base_url: str | None = None,
     if shard is not None and num_processes > 1:
         raise UserError("--shard runs one worker's share and --num-processes starts the workers "
                         "itself; pass only one of them")
+
+
+def _keywords(cls: type) -> set[str] | None:
+    """The keyword options a class's constructor takes, following `**options` up its bases;
+    None when it takes any."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        params = inspect.signature(klass.__dict__["__init__"]).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return None
 
 
 def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
