@@ -484,7 +484,7 @@ def documented_choices(config_cls: type) -> dict[str, tuple[str, ...]]:
         doc = cls.__dict__.get("__doc__") or ""
         for match in _DOC_PARAM.finditer(doc):
             name, body = match.group(1), match.group(2)
-            head, sep, rest = body.partition("Possible values are")
+            _, sep, rest = body.partition("Possible values are")
             if not sep:
                 continue
             bullets = re.findall(r"^\s*- `[\"']?([\w.-]+)[\"']?`", rest, flags=re.MULTILINE)
