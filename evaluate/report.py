@@ -175,6 +175,48 @@ def plot_trajectory(summary: dict, tables: dict[str, pd.DataFrame]):
     return fig, None
 
 
+def plot_observed_fitted(summary: dict, tables: dict[str, pd.DataFrame]):
+    """Observed rate of every count cell against the headline model's fitted rate: cells off
+    the diagonal are where log(N+1) misses the shape."""
+    import matplotlib.pyplot as plt
+
+    cells = tables["cells"]
+    if cells.empty or "fitted" not in cells or cells["fitted"].isna().all():
+        return None, "no fitted headline model: no observed-vs-fitted plot"
+    cells = cells.dropna(subset=["fitted"])
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for name, part in cells.groupby("checkpoint", sort=False):
+        ax.errorbar(100 * part["fitted"], 100 * part["rate"],
+                    yerr=_yerr(part, "rate", "ci_low", "ci_high", 100), fmt="o", ms=4,
+                    capsize=2, label=str(name))
+    ax.plot([0, 100], [0, 100], color="k", lw=0.8)
+    ax.set_xlabel("fitted compliance (%)")
+    ax.set_ylabel("observed compliance (%, query-clustered 95% CI)")
+    ax.set_title("Observed vs fitted, per cell")
+    ax.legend(fontsize=7, frameon=False)
+    return fig, None
+
+
+def plot_recency(summary: dict, tables: dict[str, pd.DataFrame]):
+    """Compliance by the number of demos between the last harmful demo and the target."""
+    import matplotlib.pyplot as plt
+
+    rows = tables.get("recency", pd.DataFrame())
+    if rows.empty:
+        return None, "no ordering design with known demo positions: no recency plot"
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, part in rows.groupby("checkpoint", sort=False):
+        part = part.sort_values("distance")
+        ax.errorbar(part["distance"], 100 * part["rate"],
+                    yerr=_yerr(part, "rate", "ci_low", "ci_high", 100), marker="o", capsize=3,
+                    label=str(name))
+    ax.set_xlabel("benign demos between the last harmful demo and the target")
+    ax.set_ylabel("compliance (%)")
+    ax.set_title("Recency: compliance by position of the harmful demos")
+    ax.legend(fontsize=7, frameon=False)
+    return fig, None
+
+
 # name -> (title, plotter); the order is the order of the report
 PLOTS: dict[str, tuple[str, Callable]] = {
     "b2_per_checkpoint": ("Benign effect b2 per checkpoint", plot_b2),
@@ -183,6 +225,8 @@ PLOTS: dict[str, tuple[str, Callable]] = {
     "ordering": ("Ordering schedules", plot_ordering),
     "format_adoption": ("Format adoption", plot_format),
     "b2_trajectory": ("b2 trajectory over training steps", plot_trajectory),
+    "observed_vs_fitted": ("Observed vs fitted rate per cell", plot_observed_fitted),
+    "recency": ("Recency: compliance by position", plot_recency),
 }
 
 
@@ -234,6 +278,50 @@ def by_design_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
+EXCLUSIONS = ["checkpoint", "excluded", "share", "depends on counts (p)", "b2 bounds",
+              "outer 95% CI", "b2, queries without exclusions"]
+
+
+def exclusion_rows(summary: dict) -> list[list[str]]:
+    """Per checkpoint: how many rows the fits lost, whether that depends on the demo counts,
+    and how far b2 could move (excluded rows counted as refused / as complied)."""
+    rows = []
+    for name, c in summary["checkpoints"].items():
+        x = c.get("exclusions") or {}
+        if not x.get("n_excluded"):
+            continue
+        dep, bounds, done = x["dependence"], x["b2_bounds"], x["complete_queries"]
+        rows.append([name, str(x["n_excluded"]), _fmt(x["share"], "{:.1%}"),
+                     ("yes" if dep.get("depends") else "no")
+                     + f" ({_fmt(dep.get('p_value'), '{:.2g}')})",
+                     f"[{_fmt(bounds['low'])}, {_fmt(bounds['high'])}]",
+                     f"[{_fmt(bounds['outer_ci_low'])}, {_fmt(bounds['outer_ci_high'])}]",
+                     f"{_fmt(done.get('beta'))} ({done.get('n_queries')} queries)"])
+    return rows
+
+
+SENSITIVITY = ["checkpoint", "b2 (headline)", "mixed model b2 [CI]", "slope SD [CI]",
+               "b2 without zero-demo cells", "largest cell gap"]
+
+
+def sensitivity_rows(summary: dict) -> list[list[str]]:
+    """The headline b2 beside the same question asked with other model choices."""
+    rows = []
+    for name, c in summary["checkpoints"].items():
+        s = c.get("sensitivity") or {}
+        if s.get("skipped") or not s:
+            continue
+        m, z = s["mixed_model"], s["without_zero_demo_cells"]
+        sd_ci = m.get("slope_sd_ci") or [None, None]
+        rows.append([name, _fmt(c["benign_effect"]["beta"]),
+                     f"{_fmt(m.get('beta'))} [{_fmt(m.get('ci_low'))}, {_fmt(m.get('ci_high'))}]",
+                     f"{_fmt(m.get('slope_sd'), '{:.3f}')} [{_fmt(sd_ci[0], '{:.3f}')}, "
+                     f"{_fmt(sd_ci[1], '{:.3f}')}]",
+                     f"{_fmt(z.get('beta'))} [{_fmt(z.get('ci_low'))}, {_fmt(z.get('ci_high'))}]",
+                     _fmt(s.get("largest_cell_gap_pp"), "{:.1f} pp")])
+    return rows
+
+
 def notes(summary: dict) -> list[str]:
     """Every skipped test and excluded row, so nothing is silently missing from the report."""
     out = []
@@ -245,6 +333,8 @@ def notes(summary: dict) -> list[str]:
             if (c.get(key) or {}).get("skipped"):
                 out.append(f"{name}: {key} skipped: {c[key]['skipped']}")
         out += [f"{name}: {n}" for n in c["benign_effect"].get("notes", [])]
+        if (c.get("exclusions") or {}).get("warning"):
+            out.append(f"{name}: {c['exclusions']['warning']}")
     for d in summary["stage_differences"]:
         if d.get("skipped"):
             out.append(f"{d['from']} → {d['to']}: skipped: {d['skipped']}")
@@ -373,7 +463,8 @@ def write_report(dir: Path, *, wandb: bool = False) -> Path:
         analyze(dir, dir)
     summary = json.loads(summary_path.read_text())
     tables = {name: _read_csv(dir / f"{name}.csv")
-              for name in ("cells", "ordering", "format", "per_checkpoint", "stage_differences")}
+              for name in ("cells", "ordering", "format", "per_checkpoint", "stage_differences",
+                           "recency")}
     out = dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures, skipped = [], []
@@ -402,6 +493,11 @@ def write_report(dir: Path, *, wandb: bool = False) -> Path:
     if by_design_rows(summary):
         md += ["## Benign effect by design", "", _md_table(BY_DESIGN, by_design_rows(summary)),
                ""]
+    analysis_sections = [(title, header, rows) for title, header, rows in (
+        ("Exclusions", EXCLUSIONS, exclusion_rows(summary)),
+        ("Sensitivity analyses", SENSITIVITY, sensitivity_rows(summary))) if rows]
+    for title, header, rows in analysis_sections:
+        md += [f"## {title}", "", _md_table(header, rows), ""]
     md += ["## Figures", ""]
     md += [f"![{t}]({p.name})" for t, p in figures]
     md += ["", "## Notes", ""] + [f"- {_md(n)}" for n in notes(summary) + skipped]
@@ -428,6 +524,8 @@ th{{background:#f4f6f7}} img{{max-width:100%}} figure{{margin:1.5em 0}}</style><
 <p>{html.escape(intro)}</p>{viewer}
 <h2>Per checkpoint</h2>{_html_table(HEADLINE, headline_rows(summary))}
 <h2>Stage differences</h2>{_html_table(DIFFS, difference_rows(summary))}{by_design}
+{"".join(f"<h2>{title}</h2>{_html_table(header, rows)}"
+         for title, header, rows in analysis_sections)}
 <h2>Figures</h2>{imgs}<h2>Notes</h2><ul>{note_items}</ul></body></html>
 """
     index = out / "index.html"
