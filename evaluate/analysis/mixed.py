@@ -144,8 +144,9 @@ def fit_mixed(frame: pd.DataFrame, *, alpha: float) -> dict:
         "b1": float(theta[data.names.index("log_nh")]) if "log_nh" in data.names else None,
         "intercept_sd": float(math.exp(theta[k])),
         "slope_sd": 0.0 if at_bound else float(math.exp(log_sd)),
-        "slope_sd_ci": [0.0 if at_bound else _exp(log_sd - z * log_se),
-                        _exp(log_sd + z * log_se)],
+        # at the boundary (no slope variation found) a log-scale interval means nothing
+        "slope_sd_ci": [0.0, None] if at_bound else [_exp(log_sd - z * log_se),
+                                                      _exp(log_sd + z * log_se)],
         "n_queries": data.n_groups,
         "converged": bool(result.success),
         "loglik": float(-result.fun),
