@@ -186,6 +186,9 @@ def register(subparsers) -> None:
                         "--sims)")
     parser.add_argument("--only", nargs="+", metavar="SCENARIO",
                         help="--validate: run only these scenarios")
+    parser.add_argument("--timing", action="store_true",
+                        help="instead, time `analyze` on a simulated paper-scale table (4 "
+                        "checkpoints x 84,240 rows, sensitivity analyses included)")
     parser.set_defaults(func=handler)
 
 
@@ -199,6 +202,12 @@ def handler(args) -> int:
     start = time.perf_counter()
     if args.validate:
         return validate(args, start)
+    if args.timing:
+        from stagesweep.evaluate.analysis.validation import paper_scale_seconds
+
+        rows, seconds = paper_scale_seconds(args.seed)
+        print(f"analyze on {rows:,} rows (4 checkpoints): {seconds:.0f}s")
+        return 0
     rows = power_table(
         design=args.design, queries=args.queries, draws=args.draws, b2=args.b2,
         heterogeneity=args.heterogeneity, intercept_sd=args.intercept_sd, b0=args.b0,

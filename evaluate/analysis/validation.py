@@ -198,3 +198,26 @@ def format_rows(rows: list[Row]) -> str:
     lines += [f"| {r.scenario} | {r.criterion} | {r.target} | {r.sims} | {r.rate:.3f} | "
               f"{r.mc_se:.3f} |" for r in rows]
     return "\n".join(lines)
+
+
+def paper_scale_seconds(seed: int = 0) -> tuple[int, float]:
+    """Rows and seconds of `analyze` (sensitivity analyses included) on the paper's scale: 4
+    checkpoints x 84,240 rows (1,404 queries x 2 draws x the 30 total_count cells with
+    demos), 5% of rows excluded (so every bound is computed)."""
+    import tempfile
+    from pathlib import Path
+
+    from stagesweep.evaluate.analysis import analyze
+    from stagesweep.evaluate.analysis.simulate import SimCheckpoint
+
+    spec = SimSpec(design="paper", queries=1404, intercept_sd=1.0, slope_sd=0.2,
+                   exclusion=(-4.0, 0.3, 0.5), seed=seed, checkpoints=[
+                       SimCheckpoint("base", 0.0, "base"), SimCheckpoint("sft", 0.1, "sft"),
+                       SimCheckpoint("dpo", 0.0, "dpo"), SimCheckpoint("rlvr", -0.05, "rlvr")])
+    frame = simulate(spec)
+    frame = frame[(frame["design"] == "total_count")
+                  & (frame["n_harmful"] + frame["n_benign"] > 0)]
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        analyze(frame, Path(out))
+        return len(frame), time.perf_counter() - start
