@@ -194,3 +194,37 @@ def test_view_of_a_dir_without_sweeps_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(Exception, match="not a stagesweep view"):
         build_view([sweep], tmp_path / "view")
     assert (tmp_path / "view" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_demo_output_in_the_viewer(tmp_path, monkeypatch):
+    """The quick demo's own output (base -> sft -> dpo with intermediate steps), viewed."""
+    from stagesweep.demo import run_demo
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_demo(tmp_path, quick=True, progress=False)
+    assert main(["view", str(tmp_path)]) == 0
+    results = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
+    wide = _wide(results)
+    order = [c for c in ("base", "sft", "dpo") if c in wide.columns]
+    with browser_session() as browser:
+        view = open_page(browser, (tmp_path / "view" / "index.html").as_uri())
+        page = view.page
+        page.wait_for_selector("body[data-ready='1']")
+        header = page.eval_on_selector_all("#units thead th", "t => t.map(x => x.textContent)")
+        stages = [h.split(" ")[0] for h in header[9:]]
+        assert set(stages) == set(results["checkpoint"]) and stages[-1] == "dpo"
+        assert [s for s in stages if s in order] == order
+        page.select_option("#f-from", "sft")
+        page.select_option("#f-to", "dpo")
+        ok = wide["sft"].isin(["c", "r"]) & wide["dpo"].isin(["c", "r"])
+        assert _count(page) == (ok & (wide["sft"] != wide["dpo"])).sum()
+        page.select_option("#f-change", "cr")
+        assert _count(page) == ((wide["sft"] == "c") & (wide["dpo"] == "r")).sum()
+        page.click("#reset")
+        page.click("#units tbody tr >> nth=-1")
+        page.wait_for_selector("#detail .stage .answer")
+        assert page.locator("#detail .target").count() == 1
+        assert page.locator("#detail .stage").count() == len(stages)
+        view.screenshot("view-demo")
+        assert view.errors == []
