@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--design", action="append", dest="designs", metavar="NAME",
         help="count design(s) behind the headline b2 and H_total (repeatable; default: every "
-        "count design except those named ablation*, which are fitted separately)",
+        "count design except those named ablation*, which are fitted separately, with H_total "
+        "on the total_count design alone, at alpha / its number of N values)",
     )
     parser.add_argument(
         "--primary", type=_pair, metavar="FROM:TO",
