@@ -260,3 +260,56 @@ def test_sweep_specs_pin_their_hub_pools_or_mark_them():
             at = next(i for i, line in enumerate(lines) if f"hub: {pool.hub}" in line)
             assert "revision:" in lines[at + 1] and "UNPINNED" in lines[at + 1], (
                 f"{path.name}: {name} unpinned without a mark under its hub line")
+
+
+TINY_KTO = REPO / "recipes" / "tiny" / "kto.yaml"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "keys", "trl_says"),
+    [
+        (TINY_DPO, ["f_divergence_type=forward_kl", "loss_type=apo_zero"],
+         "f_divergence_type with loss_type", "only supported for the following loss types"),
+        (TINY_DPO, ["use_weighting=true", "loss_type=aot"], "use_weighting with loss_type",
+         "weighting is not implemented"),
+        (TINY_DPO, ["loss_type=exo_pair"], "label_smoothing with loss_type exo_pair",
+         "Label smoothing must be greater than 0.0"),
+        (TINY_KTO, ["train_sampling_strategy=random"], "train_sampling_strategy with loss_type",
+         "requires `train_sampling_strategy='sequential'`"),
+        (TINY_KTO, ["per_device_train_batch_size=1", "stagesweep.global_batch_size=1"],
+         "per_device_train_batch_size with loss_type", "batch size must be > 1"),
+    ],
+    ids=["f_divergence", "weighting_aot", "exo_pair", "kto_sampling", "kto_batch"],
+)
+def test_trainer_init_refusals_are_caught_by_dry_run_and_still_made_by_trl(
+        recipe: Path, overrides: list[str], keys: str, trl_says: str, tmp_path: Path):
+    import re
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stagesweep.tiny_model import ensure_tiny_model
+    from stagesweep.train.methods import import_object
+    from stagesweep.train.recipe import load_recipe
+    from stagesweep.train.run import _build_config
+
+    with pytest.raises(UserError) as err:
+        _dry_run(recipe, overrides)
+    assert f": {keys}: " in str(err.value) and "\n" not in str(err.value)
+
+    # The mirrored rule still matches TRL: the real trainer refuses the same config.
+    spec = load_recipe(recipe, [*overrides, f"output_dir={tmp_path}"])
+    user = [{"role": "user", "content": "Hi?"}]
+    rows = ([{"prompt": user, "chosen": [{"role": "assistant", "content": "Hello."}],
+              "rejected": [{"role": "assistant", "content": "No."}]}] * 4
+            if spec.stagesweep.method.value == "dpo" else
+            [{"prompt": user, "completion": [{"role": "assistant", "content": "Hello."}],
+              "label": i % 2 == 0} for i in range(4)])
+    tiny = ensure_tiny_model("olmo3")
+    with pytest.raises((ValueError, NotImplementedError), match=re.escape(trl_says)):
+        import_object(spec.trainer_path)(
+            model=AutoModelForCausalLM.from_pretrained(tiny),
+            args=_build_config(spec, for_validation=True),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=AutoTokenizer.from_pretrained(tiny),
+        )

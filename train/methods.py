@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -116,3 +118,55 @@ def builtin_method_of(trainer_cls: type) -> Method:
         f"{trainer_cls.__module__}.{trainer_cls.__name__} does not subclass a TRL trainer "
         f"({', '.join(p for _, p in _CLASSES.values())})"
     )
+
+
+@dataclass(frozen=True)
+class TrainerRule:
+    """A combination of config values a TRL trainer refuses in its `__init__`, which runs only
+    after the weights have loaded; mirrored here so that `--dry-run` refuses it first.
+
+    `tests/test_train_recipes.py` builds the real trainer for every rule, so a rule TRL drops
+    or changes fails a test instead of refusing good recipes.
+    """
+
+    methods: frozenset[Method]
+    keys: str
+    """The recipe keys involved, as the error names them."""
+    refused: Callable[[Any], bool]
+    """Given the built config object (defaults filled in): whether TRL would refuse it."""
+    why: str
+
+
+def _losses(config: Any) -> set[str]:
+    value = config.loss_type
+    return set(value) if isinstance(value, list) else {value}
+
+
+# DPO's f-divergence generalisation exists only for these losses (trl DPOTrainer.__init__).
+_F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair",
+                                  "robust", "discopop", "sft"})
+_DPO = frozenset({Method.DPO})
+_KTO = frozenset({Method.KTO})
+
+TRAINER_RULES: tuple[TrainerRule, ...] = (
+    TrainerRule(_DPO, "f_divergence_type with loss_type",
+                lambda c: c.f_divergence_type != "reverse_kl"
+                and not _losses(c) <= _F_DIVERGENCE_LOSSES,
+                "a non-default f_divergence_type works only with loss_type in "
+                + ", ".join(sorted(_F_DIVERGENCE_LOSSES))),
+    TrainerRule(_DPO, "use_weighting with loss_type",
+                lambda c: c.use_weighting and bool(_losses(c) & {"aot", "aot_unpaired"}),
+                "use_weighting is not implemented for the aot losses"),
+    TrainerRule(_DPO, "label_smoothing with loss_type exo_pair",
+                lambda c: "exo_pair" in _losses(c) and c.label_smoothing == 0.0,
+                "exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)"),
+    TrainerRule(_KTO, "train_sampling_strategy with loss_type",
+                lambda c: c.loss_type != "apo_zero_unpaired"
+                and c.train_sampling_strategy != "sequential",
+                "the KTO loss pairs each example with its batch neighbours for the KL term: "
+                "train_sampling_strategy must be 'sequential'"),
+    TrainerRule(_KTO, "per_device_train_batch_size with loss_type",
+                lambda c: c.loss_type != "apo_zero_unpaired" and c.per_device_train_batch_size <= 1,
+                "the KTO loss estimates its KL term within a batch: per_device_train_batch_size "
+                "must be at least 2"),
+)

@@ -51,8 +51,8 @@ def train(
     """Train `recipe` (with `KEY=VALUE` overrides) and return the output dir.
 
     With `accelerate_config` outside a launched worker, the run is re-executed under
-    `accelerate launch` with that config's process count. With `dry_run`, only offline checks
-    run: keys, types, combinations, the parent's existence and the config's own validation.
+    `accelerate launch` with that config's process count. With `dry_run`, only the offline
+    checks of `validate()` run.
     """
     if dry_run:
         return validate(recipe, overrides, accelerate_config=accelerate_config).output_dir
@@ -86,9 +86,18 @@ def validate(recipe: Path | str, overrides: list[str], *,
     check_combinations(spec, read_accelerate_config(config_name) if config_name else None)
     resolve_parent(spec, build=False)
     _check_side_configs(spec)
-    _build_config(spec, for_validation=True)
+    _check_trainer_rules(spec, _build_config(spec, for_validation=True))
     check_pins(spec)
     return spec
+
+
+def _check_trainer_rules(spec: Recipe, config: Any) -> None:
+    from stagesweep.train.methods import TRAINER_RULES
+
+    for rule in TRAINER_RULES:
+        if spec.method_rules in rule.methods and rule.refused(config):
+            raise UserError(f"{spec.path}: {rule.keys}: {rule.why} "
+                            f"(TRL's trainer would refuse it after loading the weights)")
 
 
 def _check_side_configs(spec: Recipe) -> None:
@@ -149,6 +158,7 @@ def _train_stage(spec: Recipe, parent: Parent) -> Path:
 
     output_dir = spec.output_dir
     args = _build_config(spec)
+    _check_trainer_rules(spec, args)
     train_data, eval_data = _load_data(spec, args)  # first: a wrong column fails before weights
     model, tokenizer, load_kwargs = _load_parent(spec, parent)
 
