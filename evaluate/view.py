@@ -155,6 +155,7 @@ def build_view(sources: list[Path], out: Path | None = None) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".view-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # readable like any written dir, not mkdtemp's owner-only
     try:
         pools = _pool_list(sweeps)
         _write_unit_shards(tmp, frame, units, sweeps, pools)
