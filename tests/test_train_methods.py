@@ -150,6 +150,16 @@ def test_base_without_template_gets_named_one(tmp_path: Path):
 
     with pytest.raises(UserError, match="no chat template; set stagesweep.chat_template"):
         train(TINY / "sft.yaml", [f"model_name_or_path={base_dir}", *FAST])
+    # a parent template without {% generation %} blocks cannot mask prompts: refused before
+    # the weights load, not by TRL after
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(base_dir)
+    with pytest.raises(UserError, match="parent .* needs \\{% generation %\\} blocks"):
+        train(TINY / "sft.yaml", [f"model_name_or_path={base_dir}", *FAST,
+                                  "assistant_only_loss=true"])
+    tok.chat_template = None
+    tok.save_pretrained(base_dir)
+    (base_dir / "chat_template.jinja").unlink(missing_ok=True)
     out = train(
         TINY / "sft.yaml",
         [f"model_name_or_path={base_dir}", f"output_dir={tmp_path / 'sft'}", *FAST,

@@ -313,3 +313,17 @@ def test_trainer_init_refusals_are_caught_by_dry_run_and_still_made_by_trl(
             train_dataset=Dataset.from_list(rows),
             processing_class=AutoTokenizer.from_pretrained(tiny),
         )
+
+
+def test_assistant_only_loss_needs_generation_blocks_in_a_shipped_template(tmp_path: Path):
+    plain = tmp_path / "plain.jinja"
+    plain.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    recipe = _variant(tmp_path, lambda d: _as_sft(d, chat_template_path=str(plain),
+                                                  assistant_only_loss=True))
+    with pytest.raises(UserError, match=r"needs \{% generation %\} blocks") as err:
+        _dry_run(recipe)
+    assert "\n" not in str(err.value)
+    marked = tmp_path / "marked.jinja"
+    marked.write_text("{% for m in messages %}{% generation %}{{ m['content'] }}"
+                      "{% endgeneration %}{% endfor %}")
+    assert _dry_run(recipe, [f"chat_template_path={marked}"])

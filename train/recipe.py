@@ -184,6 +184,9 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     elif str(template_file or "").endswith((".jinja", ".j2")) and not Path(template_file).is_file():
         raise UserError(f"{path}: chat_template_path {template_file!r} not found next to the "
                         "recipe")
+    if training.get("assistant_only_loss") and str(training.get("chat_template_path", "")
+                                                   ).endswith((".jinja", ".j2")):
+        check_assistant_masks(path, Path(training["chat_template_path"]).read_text())
 
     resolved = {k: v for k, v in raw.items() if k != "stagesweep"}
     resolved.update(training)
@@ -248,6 +251,21 @@ def _classes_for(path: Path, stage: StageSpec) -> tuple[str, str, Method]:
     own = getattr(trainer_cls, "config_class", None)
     config_path = f"{own.__module__}:{own.__qualname__}" if own else base.config_class_path
     return stage.trainer, config_path, base
+
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def check_assistant_masks(where: Any, template: str) -> None:
+    """`assistant_only_loss` needs the template to mark assistant turns with
+    `{% generation %}`; TRL's SFT trainer refuses a template without them only once the weights
+    are loaded."""
+    if not _GENERATION_BLOCK.search(template):
+        raise UserError(
+            f"{where}: assistant_only_loss: true needs {{% generation %}} blocks around the "
+            "assistant turns of the chat template, and this one has none; add them (the "
+            "rendered text stays the same) or set assistant_only_loss: false"
+        )
 
 
 def _unknown_key(path: Path, key: str, valid: set[str], where: str) -> str:

@@ -23,6 +23,7 @@ from stagesweep.lineage import MANIFEST_NAME, write_manifest
 from stagesweep.train.recipe import (
     Parent,
     Recipe,
+    check_assistant_masks,
     check_combinations,
     check_pins,
     family_name,
@@ -326,14 +327,23 @@ def _load_parent(spec: Recipe, parent: Parent) -> tuple[Any, Any, dict[str, Any]
     except OSError as err:
         raise UserError(f"{spec.path}: cannot load parent {parent.spec!r}: "
                         f"{str(err).splitlines()[0]}") from None
+    template_file = str(spec.training.get("chat_template_path") or "")
+    if template_file.endswith((".jinja", ".j2")):
+        # TRL's SFT trainer installs it too, but only after the checks below need a template
+        tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
+    template_name = spec.stagesweep.chat_template
+    cloned = template_file and not template_file.endswith((".jinja", ".j2"))
+    if spec.training.get("assistant_only_loss") and not cloned:
+        from stagesweep.chat_templates import FAMILIES
+
+        named = FAMILIES[family_name(template_name)].template if template_name else None
+        effective = tokenizer.chat_template or named
+        if effective:  # before the weights load: TRL would refuse it after
+            check_assistant_masks(f"{spec.path}: parent {parent.spec!r}", effective)
     model = _from_pretrained(spec, parent, kwargs)
     if "hub_id" in parent.manifest:
         # the commit the hub actually served: the record of an unpinned run
         parent.manifest["resolved_revision"] = getattr(model.config, "_commit_hash", None)
-    template_file = spec.training.get("chat_template_path")
-    if template_file and str(template_file).endswith((".jinja", ".j2")):
-        # TRL's SFT trainer installs it too, but only after the checks below need a template
-        tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
     prepare_chat(tokenizer, model, spec.stagesweep.chat_template, where=spec.path)
     return model, tokenizer, kwargs
 
