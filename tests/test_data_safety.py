@@ -26,9 +26,11 @@ from stagesweep.safeio import (
     LOCK_NAME,
     REDACTED,
     atomic_path,
+    dir_lock,
     redact,
     redact_text,
     remove_stale_temporaries,
+    worker_lock,
     write_json,
     write_text,
 )
@@ -229,14 +231,24 @@ def test_a_second_sweep_into_a_busy_out_dir_stops_and_the_first_equals_an_uninte
     assert yaml.safe_load((out / "spec.yaml").read_text())["seed"] == 0
 
 
-def test_shard_workers_of_one_sweep_share_its_lock(finished, tmp_path, one_thread):
-    spec, _, expected = finished
-    out = tmp_path / "out"
-    assert main(["sweep", str(spec), "--checkpoint", str(ensure_tiny_model("olmo3")), "--out",
-                 str(out), "--no-prefix-sharing", "--quiet", "--num-processes", "2"]) == 0
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), expected)
-    assert (out / LOCK_NAME).read_text() == ""  # released
-    assert not list(out.glob(".*.tmp"))  # the workers' private spec copy is gone
+def test_workers_share_their_parents_lock_and_others_are_refused(tmp_path):
+    """What `--num-processes` relies on (tests/test_sweep_shards.py runs it end to end)."""
+    take = ("import sys; from stagesweep.safeio import dir_lock\n"
+            "from stagesweep.cli import UserError\n"
+            "try:\n    with dir_lock(sys.argv[1], shared=True): print('held')\n"
+            "except UserError as err: print(err)")
+    with dir_lock(tmp_path):
+        env, fds = worker_lock(tmp_path)
+        worker = subprocess.run([sys.executable, "-c", take, str(tmp_path)], pass_fds=fds,
+                                env={**os.environ, **env}, capture_output=True, text=True)
+        stranger = subprocess.run([sys.executable, "-c", take, str(tmp_path)],
+                                  capture_output=True, text=True)
+    assert worker.stdout == "held\n"
+    assert stranger.stdout == (f"{tmp_path.resolve()} is in use by another sweep (pid "
+                               f"{os.getpid()}); wait for it to finish or choose another --out\n")
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # released
+    with dir_lock(tmp_path):  # and free again
+        pass
 
 
 def test_a_rejected_spec_change_leaves_the_spec_copy_alone(finished, tmp_path, capsys):
