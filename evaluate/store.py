@@ -63,6 +63,7 @@ _SMALL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
     "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "adapter_config.json",  # a LoRA output: names its base model
 )
 # Training leftovers that do not change the model's answers.
 _NOT_WEIGHTS = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state")
@@ -328,7 +329,7 @@ def check_checkpoint_dir(path: Path, *, weights: bool) -> None:
     from stagesweep.cli import UserError
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise UserError(f"checkpoint {path} holds no model (no config.json); pass a dir written "
                         "by save_pretrained or by `stagesweep train`")
     if not weights:
