@@ -398,9 +398,10 @@ def cell_links(name: str, summary: dict, tables: dict[str, pd.DataFrame]
                ) -> list[tuple[str, str]]:
     """(label, viewer link) for every point of plot `name`: the answers behind it."""
     cells, links = tables["cells"], []
-    if name in ("b2_per_checkpoint", "b2_trajectory"):
+    if name in ("b2_per_checkpoint", "b2_trajectory", "recency"):
+        # the viewer has no demo-position filter: recency points open their checkpoint
         links = [(c, _viewer_link(at=c)) for c in summary["checkpoints"]]
-    elif name in ("compliance_vs_nb", "h_total_phi") and not cells.empty:
+    elif name in ("compliance_vs_nb", "h_total_phi", "observed_vs_fitted") and not cells.empty:
         for r in cells.itertuples():
             links.append((f"{r.checkpoint} N_h={r.n_harmful} N_b={r.n_benign}: {r.rate:.0%}",
                           _viewer_link(at=r.checkpoint, n_h=r.n_harmful, n_b=r.n_benign)))
