@@ -365,7 +365,13 @@ def test_bad_inputs_are_one_line_exit_2_and_leave_the_out_dir_unchanged(
         assert len(err.splitlines()) == 1 and expected in err, (name, err)
         assert _snapshot(out) == before, name
 
-    # an --out that is a file, and a damaged store (named with how to recover)
+    # a recipe that is not UTF-8, an --out that is a file, and a damaged store (named with how
+    # to recover)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"stagesweep: {stage: sft, method: sft}\n# caf\xe9\n")
+    code = main(["train", str(recipe), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "not UTF-8" in err, err
     code = main(["sweep", str(_write_spec(tmp_path / "ok.yaml")), "--out",
                  str(tmp_path / "a-file"), "--checkpoint", str(ensure_tiny_model("olmo3"))])
     err = capsys.readouterr().err
