@@ -49,6 +49,9 @@ def test_report_in_a_browser_links_plot_points_to_their_answers(tmp_path):
                                                     for d in summary["stage_differences"])]
         verdict = page.inner_text("table >> nth=0 >> tbody tr >> nth=0 >> td >> nth=4")
         assert verdict == summary["checkpoints"]["sft"]["benign_effect"]["verdict"]
+        # every plot's points lead to their answers
+        assert page.locator("figure").count() == len(pngs)
+        assert page.locator("figure details.answers").count() == len(pngs)
         report.screenshot("report")
         assert report.errors == []
 
