@@ -525,8 +525,6 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if shard is None and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        shard = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     digests = DigestCache(out / DIGEST_CACHE_NAME)
     if num_processes > 1 and shard is None:
         _run_workers(spec, out, refs, num_processes, backend_name, opts, chat_template)
