@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stagesweep.cli import UserError
-from stagesweep.evaluate.plan import WorkUnit, build_plan
+from stagesweep.evaluate.plan import build_plan
 from stagesweep.evaluate.pools import DemoPool
 from stagesweep.evaluate.spec import Contexts, Order, SweepSpec
 
@@ -73,21 +75,22 @@ class ModelShape:
                    window=c.get("sliding_window") if window_layers else None,
                    window_layers=window_layers, context=c.get("max_position_embeddings"))
 
-    def prefill_flops(self, start: int, end: int) -> float:
-        """Positions [start, end) given a cached prefix of `start` tokens."""
+    def prefill_flops(self, start: Any, end: Any) -> Any:
+        """Positions [start, end) given a cached prefix of `start` tokens (numbers or arrays)."""
+        start, end = np.asarray(start, dtype=float), np.asarray(end, dtype=float)
         full = self.layers - self.window_layers
         attn = 2 * self.attn_width * full * (end * end - start * start)
         if self.window_layers:
             w = self.window
 
-            def capped(n: int) -> float:  # sum over t < n of min(t, w), times 2
-                return n * n if n <= w else w * w + 2 * w * (n - w)
+            def capped(n: np.ndarray) -> np.ndarray:  # sum over t < n of min(t, w), times 2
+                return np.where(n <= w, n * n, w * w + 2 * w * (n - w))
 
-            attn += 2 * self.attn_width * self.window_layers * (capped(end) - capped(start))
+            attn = attn + 2 * self.attn_width * self.window_layers * (capped(end) - capped(start))
         return 2 * self.params * (end - start) + attn
 
-    def decode_flops(self, prompt: int, new: int) -> float:
-        return self.prefill_flops(prompt, prompt + new) + 2 * self.head * new
+    def decode_flops(self, prompt: Any, new: int) -> Any:
+        return self.prefill_flops(prompt, np.asarray(prompt) + new) + 2 * self.head * new
 
 
 @dataclass
@@ -98,10 +101,6 @@ class TokenModel:
     base: dict[str, int]
     start: int
     demo: Callable[[str, str, str], int]
-
-    def prompt(self, unit: WorkUnit) -> int:
-        return self.base[unit.query_id] + sum(self.demo(p, r, unit.opening)
-                                              for p, r in unit.demos)
 
 
 def measured_tokens(tokenizer: Any, spec: SweepSpec, pools: dict[str, DemoPool]) -> TokenModel:
@@ -168,29 +167,40 @@ def design_cost(name: str, spec: SweepSpec, pools: dict[str, DemoPool], tokens: 
     and prefix-shared (every node of the demo trie prefilled once, each answer decoded)."""
     units = build_plan(spec, pools)
     new = spec.generation.max_new_tokens * spec.generation.num_samples
-    prompt_total = trie_total = overflow = 0
-    flops_plain = flops_shared = decode = 0.0
-    nodes: dict[tuple, tuple[int, int]] = {}  # (parent id, demo) -> (node id, end position)
+    lengths, seg_start, seg_end = [], [], []  # prompts that fit; trie segments prefilled
+    overflow, context, ids = 0, None, 0
+    nodes: dict[tuple, tuple[int, int]] = {}  # (parent id, demo, opening) -> (id, end position)
     for unit in units:
-        length = tokens.prompt(unit)
-        if limit and length + spec.generation.max_new_tokens > limit:
-            overflow += 1
-            continue
-        prompt_total += length
-        flops_plain += shape.prefill_flops(0, length)
-        node, pos = 0, tokens.start
+        if unit.context != context:  # contexts share no demos, so each has its own trie
+            context, nodes = unit.context, {}
+        node, pos, added = 0, tokens.start, []
         for demo in unit.demos:
             key = (node, demo, unit.opening)
-            if key not in nodes:
-                end = pos + tokens.demo(*demo, unit.opening)
-                nodes[key] = (len(nodes) + 1, end)
-                trie_total += end - pos
-                flops_shared += shape.prefill_flops(pos, end)
-            node, pos = nodes[key]
-        trie_total += length - pos
-        flops_shared += shape.prefill_flops(pos, length)
-        decode += shape.decode_flops(length, new)
-    trie_total += tokens.start if units else 0
+            hit = nodes.get(key)
+            if hit is None:
+                ids += 1
+                hit = nodes[key] = (ids, pos + tokens.demo(*demo, unit.opening))
+                added.append((key, pos))
+            node, pos = hit
+        length = tokens.base[unit.query_id] + pos - tokens.start
+        if limit and length + spec.generation.max_new_tokens > limit:
+            overflow += 1  # never run: its new trie nodes are not prefilled either
+            for key, _ in added:
+                del nodes[key]
+            continue
+        for key, begin in added:
+            seg_start.append(begin)
+            seg_end.append(nodes[key][1])
+        lengths.append(length)
+        seg_start.append(pos)  # the target turn and generation prompt, a leaf of its own
+        seg_end.append(length)
+    lengths_a = np.array(lengths, dtype=float)
+    starts, ends = np.array(seg_start, dtype=float), np.array(seg_end, dtype=float)
+    trie_total = int((ends - starts).sum()) + (tokens.start if units else 0)
+    flops_plain = float(shape.prefill_flops(0, lengths_a).sum())
+    flops_shared = float(shape.prefill_flops(starts, ends).sum())
+    decode = float(shape.decode_flops(lengths_a, new).sum())
+    prompt_total = int(lengths_a.sum())
     hours = 3600 * flops_per_second
     return DesignCost(
         design=name, contexts=spec.contexts.value, order=spec.order.value, draws=spec.draws,
@@ -242,6 +252,18 @@ def add_power(costs: list[DesignCost], *, design: str, queries: int, effect: flo
 
 
 def _read_config(checkpoint: str) -> dict:
+    """config.json with transformers' defaults filled in (e.g. OLMo 3's sliding-window layer
+    pattern, which its config.json may leave implicit)."""
+    raw = _raw_config(checkpoint)
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(**raw).to_dict()
+    except (ValueError, KeyError, TypeError):  # an architecture transformers does not know
+        return raw
+
+
+def _raw_config(checkpoint: str) -> dict:
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "config.json"
