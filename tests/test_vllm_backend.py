@@ -118,3 +118,39 @@ def test_data_parallel_workers_get_disjoint_gpu_blocks():
     assert [worker_devices(i, 2, 4) for i in range(2)] == ["0,1", "2,3"]
     with pytest.raises(Exception, match="needs GPUs 4..5 but this host has 4"):
         worker_devices(2, 2, 4)
+
+
+@needs_vllm
+def test_bench_runs_every_engine(capsys):
+    import json
+
+    ckpt = ensure_tiny_model("llama", size="small")
+    assert main(["bench", "--checkpoint", str(ckpt), "--max-demos", "8", "--queries", "2",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    paths = {p["path"]: p for p in result["paths"]}
+    assert list(paths) == ["hf plain", "hf prefix-shared", "vllm", "vllm prefix-cached"]
+    assert all(p["mismatched_units"] == 0 for p in paths.values())
+    assert paths["vllm"]["prefilled_tokens"] == result["prompt_tokens"]
+    # the prefix cache served the shared context (in whole blocks, so above the trie count)
+    assert result["trie_tokens"] <= paths["vllm prefix-cached"]["prefilled_tokens"] \
+        < result["prompt_tokens"]
+    assert paths["hf plain"]["efficiency"] == round(
+        1 / (result["prompt_tokens"] / result["trie_tokens"]), 3)
+
+
+@needs_vllm
+def test_a_generative_judge_gives_the_same_verdicts_on_vllm(monkeypatch):
+    from stagesweep.evaluate.judges.base import JudgeItem
+    from stagesweep.evaluate.judges.wildguard import WildGuardJudge
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ckpt = str(ensure_tiny_model("llama", size="small"))
+    items = [JudgeItem(str(i), f"How do I [REDACTED] item {i}?", answer) for i, answer in
+             enumerate(["I can't help with that.", "Sure. Step 1: [REDACTED].", "No."])]
+    verdicts = {}
+    for backend in ("hf", "vllm"):
+        judge = WildGuardJudge(ckpt, backend=backend, max_new_tokens=8)
+        verdicts[backend] = [(v.label, v.raw) for v in judge.judge(items)]
+        judge.close()
+    assert verdicts["vllm"] == verdicts["hf"]

@@ -79,8 +79,11 @@ class VLLMBackend:
     def __init__(self, model_path: str, *, trust_remote_code: bool = False,
                  allow_pickle: bool = False, prefix_sharing: bool = True,
                  max_kv_gb: float | None = None, dtype: str = "auto",
-                 chunk_units: int = CHUNK_UNITS, **engine_args: Any) -> None:
-        """`engine_args` go to `vllm.LLM` unchanged (tensor_parallel_size, seed, ...)."""
+                 chunk_units: int = CHUNK_UNITS, device: str | None = None,
+                 **engine_args: Any) -> None:
+        """`engine_args` go to `vllm.LLM` unchanged (tensor_parallel_size, seed, ...).
+        `device`, the hf backend's option, is not used: vLLM places the model itself, on the
+        GPUs CUDA_VISIBLE_DEVICES names (a data-parallel worker's own block)."""
         vllm = import_vllm()
         import torch
         from transformers import AutoTokenizer
@@ -92,8 +95,11 @@ class VLLMBackend:
             # vLLM's engine and workers are spawned processes: they read this when they start.
             os.environ["CUDA_VISIBLE_DEVICES"] = worker_devices(
                 int(os.environ["LOCAL_RANK"]), tp, torch.cuda.device_count())
-        if not on_gpu and "kv_cache_memory_bytes" not in engine_args:
-            engine_args.setdefault("gpu_memory_utilization", CPU_MEMORY_SHARE)
+        if not on_gpu:
+            if "kv_cache_memory_bytes" not in engine_args:
+                engine_args.setdefault("gpu_memory_utilization", CPU_MEMORY_SHARE)
+            if tp == 1:  # no worker process to spawn (on a GPU vLLM decides so itself)
+                engine_args.setdefault("distributed_executor_backend", "uni")
         if max_kv_gb is not None:
             engine_args.setdefault("kv_cache_memory_bytes", int(max_kv_gb * 2**30))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path,

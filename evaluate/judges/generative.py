@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from stagesweep.evaluate.judges.base import JudgeItem, Verdict, format_adopted
 
-BACKENDS = ("hf", "openai")
+BACKENDS = ("hf", "openai", "vllm")
 
 
 def verdict(item: JudgeItem, label: str, raw: str = "") -> Verdict:
@@ -29,7 +29,7 @@ class GenerativeJudge:
     """Base of the judges that generate a verdict with a model.
 
     Options (the sweep spec's `judge_options`): `model` (path or hub id; each judge has its
-    published default), `backend` (`hf` or `openai`), `base_url` (for `openai`),
+    published default), `backend` (`hf`, `vllm` or `openai`), `base_url` (for `openai`),
     `served_model` (the server's name for it, default: the first one it lists), `batch_size`,
     `max_new_tokens`, and the hf loading flags `dtype`, `device`, `trust_remote_code`,
     `allow_pickle`.
@@ -110,7 +110,7 @@ class GenerativeJudge:
             from stagesweep.evaluate.backends.base import get_backend_class
 
             cls = get_backend_class(self.backend_name)
-            if self.backend_name == "hf":
+            if self.backend_name != "openai":  # in process: hf or vllm
                 self._backend = cls(self.model, **self.load_options)
             else:
                 self._backend = cls(
