@@ -144,7 +144,8 @@ def format_table(rows: list[PowerRow]) -> str:
         mean = "-" if r.mean_estimate is None else f"{r.mean_estimate:+.3f}"
         lines.append(
             f"{r.design:<12} {r.queries:>7} {r.draws:>5} {r.b2:>+8.3f} {r.heterogeneity:>6.2f} "
-            f"{r.units_per_checkpoint:>10} {r.population_averaged:>+8.3f} {r.power:>6.2f} "
+            f"{r.units_per_checkpoint:>10} {round(r.population_averaged, 6) + 0.0:>+8.3f} "
+            f"{r.power:>6.2f} "
             f"{r.mc_se:>8.3f} {mean:>9}"
         )
     return "\n".join(lines)
