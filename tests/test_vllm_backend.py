@@ -107,11 +107,19 @@ def test_two_processes_equal_one(reference, tmp_path):
 
 @pytest.mark.skipif(HAVE_VLLM, reason="checks the error shown when vLLM is missing")
 def test_without_vllm_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "out"
     code = main(["sweep", str(_spec_file(tmp_path)), "--checkpoint",
-                 str(ensure_tiny_model("llama")), "--out", str(tmp_path / "out"), "--quiet"])
+                 str(ensure_tiny_model("llama")), "--out", str(out), "--quiet",
+                 "--tensor-parallel-size", "2"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "pip install 'stagesweep[vllm]'" in err
+
+
+def test_tensor_parallel_size_must_be_positive(tmp_path, capsys):
+    assert main(["sweep", str(_spec_file(tmp_path)), "--checkpoint", "x", "--out",
+                 str(tmp_path), "--tensor-parallel-size", "0"]) == 2
+    assert "--tensor-parallel-size must be at least 1" in capsys.readouterr().err
 
 
 def test_data_parallel_workers_get_disjoint_gpu_blocks():
