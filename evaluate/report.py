@@ -149,7 +149,8 @@ def plot_format(summary: dict, tables: dict[str, pd.DataFrame]):
             sub = part[part["within"] == within].set_index("opening").reindex(openings)
             xs = [i + (j - 0.5) * 0.38 for i in range(len(openings))]
             ax.bar(xs, 100 * sub["rate"].fillna(0), width=0.38, label=f"within {within}",
-                   yerr=_yerr(sub.fillna(0), "rate", "ci_low", "ci_high", 100), capsize=3)
+                   yerr=_yerr(sub[["rate", "ci_low", "ci_high"]].fillna(0), "rate", "ci_low",
+                              "ci_high", 100), capsize=3)
         ax.set_xticks(range(len(openings)), [o[:28] for o in openings], fontsize=8)
         ax.set_title(name)
     axes[0].set_ylabel("opening line adopted (%)")
