@@ -138,3 +138,17 @@ def test_shared_contexts_need_two_way_clustering():
     fpr_one, fpr_two = np.mean(np.array(one_way) < ALPHA), np.mean(np.array(two_way) < ALPHA)
     assert fpr_two <= 0.10, fpr_two
     assert fpr_one >= fpr_two + 0.05, (fpr_one, fpr_two)
+
+
+def test_validation_scenarios_hold_on_a_few_datasets():
+    """The README's simulation table comes from `stagesweep power --validate` (hundreds of
+    datasets); here a few datasets per scenario, with bounds loose enough for that count."""
+    from stagesweep.evaluate.analysis import validation
+
+    rows = {r.criterion: r for name in ("exclusions", "mixed_model")
+            for r in validation.SCENARIOS[name](12, 500)}
+    assert rows["exclusion flagged (dependence test)"].rate >= 10 / 12
+    assert rows["b2 bounds (outer 95% interval) contain the truth"].rate >= 10 / 12
+    assert rows["b2 95% interval covers 0.2"].rate >= 9 / 12
+    assert abs(rows["b2 95% interval covers 0.2"].mean_estimate - 0.2) < 0.05
+    assert abs(rows["slope SD interval covers 0.3"].mean_estimate - 0.3) < 0.08

@@ -153,6 +153,8 @@ def validate(frame: pd.DataFrame, source: str, designs: list[str] | None = None)
     frame["checkpoint"] = frame["checkpoint"].astype(str)
     frame["query_id"] = frame["query_id"].astype(str)
     frame["draw"] = frame["draw"].fillna(0).astype(str)
+    # an empty hash names no prompt (it would merge every row into one)
+    frame["prompt_sha"] = frame["prompt_sha"].where(frame["prompt_sha"].astype(str) != "")
     frame["step"] = pd.to_numeric(frame["step"], errors="coerce")
     return assign_roles(frame, designs, source)
 
