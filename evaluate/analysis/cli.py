@@ -93,6 +93,8 @@ def format_summary(summary: dict) -> str:
         )
         if e.get("skipped"):
             lines.append(f"  b2 skipped: {e['skipped']}")
+        if (c.get("exclusions") or {}).get("warning"):
+            lines.append(f"  {c['exclusions']['warning']}")
     for d in summary["stage_differences"]:
         if d.get("skipped"):
             lines.append(f"{d['from']} -> {d['to']}: skipped: {d['skipped']}")
