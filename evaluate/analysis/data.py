@@ -226,11 +226,12 @@ def count_rows(frame: pd.DataFrame) -> pd.DataFrame:
 def choose_cluster(frame: pd.DataFrame, cluster: str) -> str:
     """`auto`: two-way (query, draw) only when the table says contexts are shared across queries
     (the sweep's `contexts` column); with per-query draws, each draw sits inside its query's
-    cluster already, and clustering on a handful of draw ids would only add noise."""
+    cluster already, and clustering on a handful of draw ids would only add noise. Shared
+    contexts with a single draw stay two-way too: one draw's effect is no more estimable than
+    two draws', and the fits then decline a direction call (`fits.shared_draws_problem`)."""
     if cluster != "auto":
         return cluster
-    shared = frame["contexts"].astype(str).eq("shared").any()
-    return "query+draw" if shared and frame["draw"].nunique() >= 2 else "query"
+    return "query+draw" if frame["contexts"].astype(str).eq("shared").any() else "query"
 
 
 def judge_split(frame: pd.DataFrame) -> tuple[pd.DataFrame, str | None, dict | None]:

@@ -80,7 +80,11 @@ def fit_logit(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = sm.GLM(y.to_numpy(float), exog, family=sm.families.Binomial())
-        res = model.fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
+        try:
+            res = model.fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
+        except (ZeroDivisionError, np.linalg.LinAlgError) as err:  # a single cluster
+            raise ValueError(f"cluster-robust variance cannot be computed ({err}): too few "
+                             "clusters") from err
     if any(issubclass(w.category, PerfectSeparationWarning) for w in caught):
         raise ValueError(
             "perfect separation: the covariates predict every outcome exactly; no finite "
@@ -199,7 +203,8 @@ def shared_draws_problem(frame: pd.DataFrame, cluster: str) -> str | None:
     draws = frame["draw"].nunique()
     if cluster != "query+draw" or draws >= MIN_SHARED_DRAWS:
         return None
-    return (f"contexts are shared by every query and there are only {draws} draws: the "
+    return (f"contexts are shared by every query and there are only {draws} draw"
+            f"{'s' if draws != 1 else ''}: the "
             f"draw-level uncertainty cannot be estimated (two-way clustering needs >= "
             f"{MIN_SHARED_DRAWS} draws), so no direction is called; `conditional_on_draws` "
             "holds the query-clustered fit, valid only for these particular demo contexts")

@@ -57,6 +57,8 @@ def summarize(frame: pd.DataFrame, fit: fits.LogitFit | None, *, alpha: float,
     observed-vs-fitted table."""
     if fits.slope_problem(frame):
         return {"skipped": fits.slope_problem(frame)}, []
+    if fits.shared_draws_problem(frame, cluster):
+        cluster = "query"  # conditional on the few shared draws, as `benign_effect` says
     nonzero = frame[(frame["n_harmful"] + frame["n_benign"]) > 0]
     without_zero, _ = fits.benign_effect(nonzero, alpha=alpha, cluster=cluster,
                                          sesoi_pp=sesoi_pp)

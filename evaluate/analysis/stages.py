@@ -102,6 +102,7 @@ def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluste
     # a checkpoint's own problem (no usable rows, separation) explains more than "no pairs"
     reason = (problem(keyed) or (None if common else "no prompts in common between the two "
                                  "checkpoints") or problem(paired))
+    reason = reason or fits.shared_draws_problem(paired, cluster)
     if reason:
         return {**base, "skipped": reason}
     x = fits.design_columns(paired)[["log_nh", "log_nb"]]
@@ -114,9 +115,6 @@ def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluste
                               fits.cluster_groups(paired, cluster), alpha=alpha)
     except ValueError as err:
         return {**base, "skipped": str(err)}
-    shared = fits.shared_draws_problem(paired, cluster)
-    if shared:
-        return {**base, "skipped": shared}
 
     def change(term: str) -> dict | None:
         if term not in fit.params:
