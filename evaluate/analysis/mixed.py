@@ -5,8 +5,8 @@ benign slopes s_q ~ N(0, sd_s^2) by query (c centres the slope at the data's mea
 Why it exists: the headline b2 is population-averaged (a GLM with clustered errors, the study's
 estimand). The mixed model answers the sensitivity question a reviewer asks next: what is the
 slope for a typical query, and how much do queries differ in it (`slope_sd`)? statsmodels has
-no frequentist binomial GLMM, and its variational-Bayes one shrinks b2 and took 40 s on 200
-queries, so this is the Laplace approximation that lme4's `glmer` uses by default (nAGQ = 1):
+no frequentist binomial GLMM, and its variational-Bayes one took 40 s on 200 queries (6,400
+rows), so this is the Laplace approximation that lme4's `glmer` uses by default (nAGQ = 1):
 for each query the random effects' mode by Newton's method (2x2 systems, vectorised over
 queries), the integral approximated at that mode, and the summed log-likelihood maximised over
 (b0, b1, b2, log sd_u, log sd_s) with scipy's L-BFGS-B. Standard errors come from the numerical
