@@ -135,7 +135,8 @@ def test_bench_runs_every_engine(capsys):
     ckpt = ensure_tiny_model("llama", size="small")
     assert main(["bench", "--checkpoint", str(ckpt), "--max-demos", "8", "--queries", "2",
                  "--max-new-tokens", "4", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (line,) = capsys.readouterr().out.strip().splitlines()  # vLLM's logs go to stderr
+    result = json.loads(line)
     paths = {p["path"]: p for p in result["paths"]}
     assert list(paths) == ["hf plain", "hf prefix-shared", "vllm", "vllm prefix-cached"]
     assert all(p["mismatched_units"] == 0 for p in paths.values())

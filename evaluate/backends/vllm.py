@@ -43,6 +43,8 @@ CHUNK_UNITS = 1024
 
 
 def import_vllm() -> Any:
+    # vLLM logs to stdout by default; stdout is the commands' output (`bench --json`).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm
     except ImportError as err:
