@@ -301,6 +301,29 @@ def exclusion_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
+EXCLUDED_WHERE = ["checkpoint", "where", "rows", "excluded", "by status"]
+
+
+def excluded_where_rows(summary: dict, top_queries: int = 10) -> list[list[str]]:
+    """Every cell that lost rows, and the queries that lost the most (all are in
+    exclusions_queries.csv), with the count of each excluded status."""
+    rows = []
+    for name, c in summary["checkpoints"].items():
+        x = c.get("exclusions") or {}
+        fixed = ("n_rows", "n_excluded", "n_harmful", "n_benign")
+        for cell in x.get("by_cell", []):
+            if cell["n_excluded"]:
+                statuses = ", ".join(f"{k}: {v}" for k, v in cell.items() if k not in fixed)
+                rows.append([name, f"N_h={cell['n_harmful']} N_b={cell['n_benign']}",
+                             str(cell["n_rows"]), str(cell["n_excluded"]), statuses])
+        worst = sorted((x.get("by_query") or {}).items(), key=lambda q: -q[1]["n_excluded"])
+        for query, counts in worst[:top_queries]:
+            statuses = ", ".join(f"{k}: {v}" for k, v in counts.items() if k not in fixed)
+            rows.append([name, f"query {query}", str(counts["n_rows"]),
+                         str(counts["n_excluded"]), statuses])
+    return rows
+
+
 SENSITIVITY = ["checkpoint", "b2 (headline)", "mixed model b2 [CI]", "slope SD [CI]",
                "b2 without zero-demo cells", "largest cell gap"]
 
@@ -497,6 +520,8 @@ def write_report(dir: Path, *, wandb: bool = False) -> Path:
                ""]
     analysis_sections = [(title, header, rows) for title, header, rows in (
         ("Exclusions", EXCLUSIONS, exclusion_rows(summary)),
+        ("Where rows were excluded (cells; the 10 queries with most)", EXCLUDED_WHERE,
+         excluded_where_rows(summary)),
         ("Sensitivity analyses", SENSITIVITY, sensitivity_rows(summary))) if rows]
     for title, header, rows in analysis_sections:
         md += [f"## {title}", "", _md_table(header, rows), ""]
