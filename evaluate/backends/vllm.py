@@ -97,13 +97,13 @@ class VLLMBackend:
             # vLLM's engine and workers are spawned processes: they read this when they start.
             os.environ["CUDA_VISIBLE_DEVICES"] = worker_devices(
                 int(os.environ["LOCAL_RANK"]), tp, torch.cuda.device_count())
+        if max_kv_gb is not None:
+            engine_args.setdefault("kv_cache_memory_bytes", int(max_kv_gb * 2**30))
         if not on_gpu:
             if "kv_cache_memory_bytes" not in engine_args:
                 engine_args.setdefault("gpu_memory_utilization", CPU_MEMORY_SHARE)
             if tp == 1:  # no worker process to spawn (on a GPU vLLM decides so itself)
                 engine_args.setdefault("distributed_executor_backend", "uni")
-        if max_kv_gb is not None:
-            engine_args.setdefault("kv_cache_memory_bytes", int(max_kv_gb * 2**30))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path,
                                                        trust_remote_code=trust_remote_code)
         if dtype == "auto":
