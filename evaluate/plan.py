@@ -141,7 +141,7 @@ def build_plan(spec: SweepSpec, pools: dict[str, DemoPool]) -> list[WorkUnit]:
                     cell = f"h{n_h}b{n_b}"
                     for schedule in design.schedules:
                         demos = tuple(
-                            nested[design.harmful_pool, design.benign_pool, n_h, n_b]
+                            nested[_pools_used(design, n_h, n_b) + (n_h, n_b)]
                             if nested and schedule == Schedule.RANDOM
                             else order_demos(harmful, benign, schedule, keys_h, keys_b))
                         for opening in design.openings:
@@ -171,10 +171,17 @@ def _prompt_sha(key: tuple) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
 
 
+def _pools_used(design, n_h: int, n_b: int) -> tuple[str | None, str | None]:
+    """The pools a cell draws from: an all-harmful cell of an ablation design (another benign
+    pool) is the same prompt as the main design's, so it must join the same chain."""
+    return (design.harmful_pool if n_h else None, design.benign_pool if n_b else None)
+
+
 def _nested_orders(spec: SweepSpec, drawn, keys_h: np.ndarray, keys_b: np.ndarray
-                   ) -> dict[tuple[str, str, int, int], list]:
+                   ) -> dict[tuple[str | None, str | None, int, int], list]:
     """`prefix_nested` demo orders of one context for every cell any design shows in `random`
-    order, keyed by (harmful pool, benign pool, N_h, N_b).
+    order, keyed by (harmful pool, benign pool, N_h, N_b), a pool None when the cell takes no
+    demo from it.
 
     The cells of one mix, across designs, form a chain by size; each cell is the previous one
     followed by its new demos in the draw's sort-key order (so the smallest cell of a chain is
@@ -185,14 +192,14 @@ def _nested_orders(spec: SweepSpec, drawn, keys_h: np.ndarray, keys_b: np.ndarra
         if Schedule.RANDOM in design.schedules:
             for n_h, n_b in design.cells():
                 g = math.gcd(n_h, n_b) or 1
-                chains[design.harmful_pool, design.benign_pool, n_h // g, n_b // g].add(
-                    (n_h, n_b))
-    orders: dict[tuple[str, str, int, int], list] = {}
+                chains[_pools_used(design, n_h, n_b) + (n_h // g, n_b // g)].add((n_h, n_b))
+    orders: dict[tuple[str | None, str | None, int, int], list] = {}
     for (h_pool, b_pool, *_), cells in chains.items():
         sequence: list = []
         last_h = last_b = 0
         for n_h, n_b in sorted(cells):
-            harmful, benign = drawn(h_pool, n_h), drawn(b_pool, n_b)
+            harmful = drawn(h_pool, n_h) if h_pool else []
+            benign = drawn(b_pool, n_b) if b_pool else []
             sequence = sequence + order_demos(harmful[last_h:], benign[last_b:],
                                               Schedule.RANDOM, keys_h[last_h:], keys_b[last_b:])
             orders[h_pool, b_pool, n_h, n_b] = sequence

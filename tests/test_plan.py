@@ -205,6 +205,18 @@ def test_prefix_nested_orders(tmp_path, contexts):
     assert firsts == {"harmful", "benign"}
 
 
+@pytest.mark.parametrize("order", ["shuffle", "prefix_nested"])
+def test_an_ablation_s_all_harmful_cell_is_the_main_design_s_prompt(tmp_path, order):
+    designs = [{"type": "joint", "n_harmful": [0, 2, 4], "n_benign": [0, 4]},
+               {"type": "joint", "name": "ablation", "n_harmful": [0, 4], "n_benign": [0, 4],
+                "benign_pool": "harmful"}]
+    spec = _spec(tmp_path, designs, order=order)
+    units = build_plan(spec, load_pools(spec))
+    for cell in ((4, 0), (0, 0)):
+        merged = [u for u in units if (u.n_harmful, u.n_benign) == cell]
+        assert all({lab.design for lab in u.labels} == {"joint", "ablation"} for u in merged)
+
+
 def test_prefix_nested_positions_stay_uniform(tmp_path):
     """Each position holds a harmful demo with probability phi, as under a fresh shuffle;
     the harmful count in the last half is fixed instead of hypergeometric."""
