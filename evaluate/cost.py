@@ -242,6 +242,10 @@ def add_power(costs: list[DesignCost], *, design: str, queries: int, effect: flo
         if shared and "contexts" not in accepts:
             cost.power_note = "not simulated: `stagesweep power` has no shared contexts"
             continue
+        if shared and "draw_sd" not in accepts:
+            # the draws then differ only by chance, so power of K >= 20 is an upper bound
+            cost.power_note = ("shared contexts are simulated without demo-set (draw) effects: "
+                               "their power is an upper bound")
         key = (cost.contexts, cost.draws)
         if key not in done:
             extra = {"contexts": cost.contexts} if "contexts" in accepts else {}
