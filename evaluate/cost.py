@@ -233,7 +233,7 @@ def add_power(costs: list[DesignCost], *, design: str, queries: int, effect: flo
     `stagesweep power`. Its simulator does not model demo order (tests/test_order_sim.py shows
     prefix-nested orders keep size and coverage), so both per-query designs share one row.
     Shared contexts are simulated as such only when `power_table` takes `contexts`."""
-    from stagesweep.evaluate.power import power_table
+    from stagesweep.evaluate.analysis.power import power_table
 
     accepts = inspect.signature(power_table).parameters
     done: dict[tuple, tuple] = {}

@@ -16,7 +16,7 @@ carries them all (`labels`) and the results table has one row per label, all wit
 `order: prefix_nested` changes only the `random` schedule: within a demo context the cells of
 one mix (N_h : N_b) form a chain by size, and each cell's demos are the previous cell's, in
 their order, followed by its new demos shuffled. Every position is still harmful with
-probability phi, but the shuffle is stratified by block (see README, "prefix-nested orders").
+probability phi, but the shuffle is stratified by block (README, "Prefix-nested demo orders").
 """
 
 from __future__ import annotations
