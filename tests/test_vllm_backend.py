@@ -54,11 +54,34 @@ def _sweep(spec: Path, ckpt: Path, out: Path, *extra: str, **popen) -> subproces
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The same 52 units through the hf backend (plain path) and through vLLM; vLLM's CPU
-    attention needs a head size of at least 32, so the "small" tiny model."""
+def varied(tmp_path_factory) -> Path:
+    """The small llama with its weights redrawn wider, saved: greedy answers then vary from
+    prompt to prompt (the builder's weights answer one token everywhere), so identity tests
+    can fail. vLLM's CPU attention needs a head size of at least 32: the 2-layer tiny models
+    (16) cannot run on it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = ensure_tiny_model("llama", size="small")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    # seed 1: the hf path's smallest gap between its two top logits on the stop test's greedy
+    # steps is 8e-3, far above the ~1e-4 by which vLLM's CPU kernels move log-probabilities
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
+    out = tmp_path_factory.mktemp("varied")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, varied):
+    """The same 52 units through the hf backend (plain path) and through vLLM."""
     tmp = tmp_path_factory.mktemp("vllm")
-    spec, ckpt = _spec_file(tmp), ensure_tiny_model("llama", size="small")
+    spec, ckpt = _spec_file(tmp), varied
     hf = pd.read_parquet(run_sweep(_spec_file(tmp, "hf"), [str(ckpt)], tmp / "hf",
                                    prefix_sharing=False, progress=False))
     assert _sweep(spec, ckpt, tmp / "vllm").wait() == 0
@@ -163,3 +186,32 @@ def test_a_generative_judge_gives_the_same_verdicts_on_vllm(monkeypatch):
         verdicts[backend] = [(v.label, v.raw) for v in judge.judge(items)]
         judge.close()
     assert verdicts["vllm"] == verdicts["hf"]
+
+
+@needs_vllm
+def test_stop_ids_end_answers_as_in_hf(monkeypatch, varied):
+    """Greedy answers, stopping on a token some answers emit and others do not, so both
+    endings occur: token ids and finish reasons equal the hf backend's."""
+    from stagesweep.evaluate.backends.base import GenerationConfig
+    from stagesweep.evaluate.backends.hf import HFBackend
+    from stagesweep.evaluate.backends.vllm import VLLMBackend
+    from stagesweep.evaluate.bench import Workload, build_requests
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ckpt = str(varied)
+    hf = HFBackend(ckpt, prefix_sharing=False)
+    requests = build_requests(hf.tokenizer, Workload(max_demos=16, queries=4))
+    config = GenerationConfig(max_new_tokens=12, batch_size=4)
+    answers = [set(g.token_ids) for g in hf.generate(requests, config)]
+    stop = min(set().union(*answers),
+               key=lambda t: (abs(sum(t in a for a in answers) - len(answers) / 2), t))
+    assert 0 < sum(stop in a for a in answers) < len(answers), "the model answers all alike"
+    config = GenerationConfig(max_new_tokens=12, batch_size=4, stop_token_ids=(stop,))
+    expected = {g.key: (g.token_ids, g.finish_reason, g.text)
+                for g in hf.generate(requests, config)}
+    hf.close()
+    engine = VLLMBackend(ckpt, enforce_eager=True)
+    got = {g.key: (g.token_ids, g.finish_reason, g.text) for g in engine.generate(requests, config)}
+    engine.close()
+    assert got == expected
+    assert {reason for _, reason, _ in got.values()} == {"stop", "length"}
