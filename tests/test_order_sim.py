@@ -8,12 +8,13 @@ query alike) that acts with a weight that decays with its distance from the targ
 
     logit P = b0 + u_q + b1 log(N_h+1) + b2 log(N_b+1) + sum_j w_j (a_{d_j} + r [d_j harmful])
 
-`r` adds recency of the harmful type. Scenarios: b2 = 0 (size of the b2 test and of the
-schedule test), a counting model b0 + b log(N+1) (size of H_total), b2 = -0.3 (coverage of the
-population-averaged b2, taken from one large simulation of each order), and r = 0.5 (how much a
-type-specific recency effect moves the estimand between the orders).
+`r` adds recency of the harmful type. Scenarios: the global null b1 = b2 = 0 (size of the b2,
+H_total and schedule tests), a counting model b0 + b log(N+1) (size of H_total with an effect
+of N), b2 = -0.3 (coverage of the population-averaged b2, taken from one large simulation of
+each order), and r = 0.5 (how much a type-specific recency effect moves the estimand between
+the orders).
 
-`python tests/test_order_sim.py --sims 400` prints the README's table; the test runs fewer.
+`python tests/test_order_sim.py --sims 100` prints the README's table; the test runs fewer.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ N_TOTAL = [4, 8, 16, 32]
 PHI = [0, 0.25, 0.5, 0.75, 1]
 WEIGHTS = np.array([1, 0.5, 0.25, 0.125])
 PLANS = 4
+# Rows per demo pool. Study-sized pools (1,492 and 5,000) keep a demo's reuse across queries
+# low; with 64-row pools the demos' shared potency correlates queries, and query-clustered
+# errors then reject a true b2 = 0 in 10.5% +- 2.2% of 200 sims (fresh shuffle).
+POOL_ROWS = 1000
 POOL = {"path": "in-memory", "columns": {"id": "id", "request": "request", "response": "response"}}
 
 
@@ -52,7 +57,6 @@ class Scenario:
 
 SCENARIOS = {
     "null": Scenario("global null (b1 = b2 = 0)", b1=0.0),
-    "null_b2": Scenario("b2 = 0"),
     "counting": Scenario("counting model (H_total true)", counting=0.3),
     "b2": Scenario("b2 = -0.3", b2=-0.3),
     "recency": Scenario("b2 = -0.3, harmful recency r = 0.5", b2=-0.3, recency=0.5),
@@ -64,7 +68,7 @@ def _pools(queries: int) -> dict[str, DemoPool]:
         ids = tuple(f"{name[0]}{i}" for i in range(n))
         return DemoPool(name, ids, ids, ids if answers else None)
 
-    return {"harmful": pool("harmful", 64), "benign": pool("benign", 64),
+    return {"harmful": pool("harmful", POOL_ROWS), "benign": pool("benign", POOL_ROWS),
             "targets": pool("targets", queries, answers=False)}
 
 
@@ -83,7 +87,7 @@ def planned(order: str, queries: int, seed: int) -> pd.DataFrame:
     harmful = np.zeros((len(units), 4))
     for i, u in enumerate(units):
         for j, (pool, row) in enumerate(reversed(u.demos[-4:])):
-            last[i, j] = int(row[1:]) + (64 if pool == "benign" else 0)
+            last[i, j] = int(row[1:]) + (POOL_ROWS if pool == "benign" else 0)
             harmful[i, j] = pool == "harmful"
     # one row per design label, as the sweep exports them (a prompt shared by the ordering
     # design's random schedule and the total-count design is one answer in both)
@@ -104,7 +108,7 @@ def planned(order: str, queries: int, seed: int) -> pd.DataFrame:
 def outcomes(rows: pd.DataFrame, s: Scenario, rng: np.random.Generator) -> pd.DataFrame:
     queries = rows["query_id"].astype("category").cat.codes.to_numpy()
     u = rng.normal(0, s.intercept_sd, queries.max() + 1)[queries]
-    potency = np.append(rng.normal(0, s.demo_sd, 128), 0.0)  # index -1: no demo
+    potency = np.append(rng.normal(0, s.demo_sd, 2 * POOL_ROWS), 0.0)  # index -1: no demo
     nh, nb = rows["n_harmful"].to_numpy(), rows["n_benign"].to_numpy()
     eta = s.b0 + u + (s.counting * np.log1p(nh + nb) if s.counting is not None
                       else s.b1 * np.log1p(nh) + s.b2 * np.log1p(nb))
@@ -166,7 +170,7 @@ def run(scenario: str, order: str, sims: int, queries: int = 40, seed: int = 0,
 def test_prefix_nested_keeps_size_and_coverage():
     """Under the global null every test's rejection rate, and under b2 = -0.3 the coverage of
     the b2 interval, match the fresh shuffle's within Monte Carlo error (few simulations here;
-    the README's table has 400 a row)."""
+    the README's table has 100 a row)."""
     sims = 24
     null = {o: run("null", o, sims) for o in ("shuffle", "prefix_nested")}
     for key in ("b2_rejects", "h_total_rejects", "schedule_rejects"):
@@ -181,7 +185,7 @@ def test_prefix_nested_keeps_size_and_coverage():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sims", type=int, default=400)
+    parser.add_argument("--sims", type=int, default=100)
     parser.add_argument("--queries", type=int, default=40)
     args = parser.parse_args()
     print("| scenario | order | sims | b2 test rejects | H_total rejects | schedule test "
@@ -190,7 +194,7 @@ def main() -> None:
     for scenario in SCENARIOS:
         for order in ("shuffle", "prefix_nested"):
             # b2 is 0 in the population under both nulls; the counting model has no b2 truth
-            target = {"null": 0.0, "null_b2": 0.0, "counting": None}.get(
+            target = {"null": 0.0, "counting": None}.get(
                 scenario, truth(order, SCENARIOS[scenario], queries=1500))
             r = run(scenario, order, args.sims, args.queries, target=target)
 
