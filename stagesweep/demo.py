@@ -166,6 +166,7 @@ def _check_run_record(out: Path, record: dict) -> None:
     from stagesweep.cli import UserError
 
     path = out / "demo.json"
+    record = json.loads(json.dumps(record))  # tuples read back as lists
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != record:

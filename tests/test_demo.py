@@ -121,10 +121,11 @@ def test_every_harmful_text_is_redacted():
 def test_demo_refuses_an_out_dir_made_with_other_settings(tmp_path: Path):
     from stagesweep.demo import _check_run_record
 
-    _check_run_record(tmp_path, {"seed": 0})
-    _check_run_record(tmp_path, {"seed": 0})  # same settings: resumable
+    record = {"seed": 0, "overrides": ("warmup_steps=0",)}  # tuples, as DemoSize holds them
+    _check_run_record(tmp_path, record)
+    _check_run_record(tmp_path, record)  # same settings: resumable
     with pytest.raises(UserError, match="other settings"):
-        _check_run_record(tmp_path, {"seed": 1})
+        _check_run_record(tmp_path, {**record, "seed": 1})
 
 
 def test_demo_help_lists_its_options():
