@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 test: setup
 	WANDB_MODE=offline $(BIN)/ruff check .
-	WANDB_MODE=offline $(BIN)/python -m pytest -q
+	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=20
 	if [ "$(VLLM)" = 1 ]; then $(MAKE) test-vllm; fi
 
 # vLLM drags in torchvision/torchaudio/torchcodec builds made for another torch: `import vllm`
