@@ -315,15 +315,18 @@ def seed_table(summaries: dict[int, dict]) -> str:
                "dpo CI width": "{:.2f}", "dpo rate": "{:.1%}", "dpo zero-demo": "{:.1%}",
                "sft->dpo delta": "{:+.2f}"}
     rows = {seed: row(s) for seed, s in summaries.items()}
+    verdicts = {seed: ((s["checkpoints"].get("dpo", {}).get("benign_effect") or {})
+                       .get("verdict") or "-") for seed, s in summaries.items()}
     checks = {seed: story_checks(s) for seed, s in summaries.items()}
-    head = "| seed | " + " | ".join(formats) + " | checks held |"
-    lines = [head, "|" + "---|" * (len(formats) + 2)]
+    head = "| seed | " + " | ".join(formats) + " | dpo verdict | checks held |"
+    lines = [head, "|" + "---|" * (len(formats) + 3)]
     for seed, r in rows.items():
         cells = [_range([r[k]], f) for k, f in formats.items()]
         held = sum(c.held for c in checks[seed])
-        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {held}/{len(checks[seed])} |")
+        lines.append(f"| {seed} | " + " | ".join(cells)
+                     + f" | {verdicts[seed]} | {held}/{len(checks[seed])} |")
     cells = [_range([r[k] for r in rows.values()], f) for k, f in formats.items()]
-    lines.append("| range | " + " | ".join(cells) + " | |")
+    lines.append("| range | " + " | ".join(cells) + " | | |")
     lines.append("")
     claims = [c.claim for c in next(iter(checks.values()))]
     for i, claim in enumerate(claims):
