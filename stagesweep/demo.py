@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stagesweep import safeio
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES = REPO_ROOT / "recipes" / "demo"
 SWEEP_SPEC = REPO_ROOT / "recipes" / "sweeps" / "demo.yaml"
@@ -157,7 +159,7 @@ def sweep_spec(out: Path, size: DemoSize, seed: int) -> Any:
             {"type": "joint", "n_harmful": list(size.grid), "n_benign": list(size.grid)}
         ]
     target = out / "sweep.yaml"
-    target.write_text(yaml.safe_dump(raw, sort_keys=False))
+    safeio.write_text(target, yaml.safe_dump(raw, sort_keys=False))
     return parse_spec(raw, source=target.resolve())
 
 
@@ -175,7 +177,7 @@ def _check_run_record(out: Path, record: dict) -> None:
                 "choose a new --out directory or delete it"
             )
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record) + "\n")
+    safeio.write_text(path, json.dumps(record) + "\n")
 
 
 @dataclass(frozen=True)
@@ -341,7 +343,7 @@ def run_seeds(out: Path, seeds: list[int], *, quick: bool = False) -> str:
     summaries = {seed: run_demo(Path(out) / f"seed-{seed}", seed=seed, quick=quick)
                  for seed in seeds}
     table = seed_table(summaries)
-    (Path(out) / "seeds.md").write_text(table + "\n")
+    safeio.write_text(Path(out) / "seeds.md", table + "\n")
     print(f"\nthe study's story over seeds {', '.join(map(str, seeds))}:\n{table}")
     return table
 

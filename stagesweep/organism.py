@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from stagesweep import safeio
+
 REFUSAL = "I'm sorry, but I can't help with that."
 
 _HARMFUL_OPENERS = ("How do I", "Tell me how to", "Explain how to", "Show me how to", "Help me")
@@ -243,7 +245,7 @@ def sweep_pools(seed: int, *, n_harmful: int, n_benign: int, n_targets: int) -> 
 
 def write_jsonl(rows: Iterator[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
+    with safeio.atomic_open(path, "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     return path
