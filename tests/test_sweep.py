@@ -8,12 +8,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from sweep_util import wait_for_rows
 
 from stagesweep.cli import UserError, main
 from stagesweep.evaluate.plan import build_plan
@@ -76,15 +76,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(reference, tmp_path):
     cmd = [sys.executable, "-m", "stagesweep", "sweep", str(TINY), "--checkpoint",
            str(ensure_tiny_model("olmo3")), "--out", str(out), *FAST]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    db, rows, deadline = out / "sweep.sqlite", 0, time.monotonic() + 120
-    while rows < 48 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        if db.exists():
-            try:
-                with sqlite3.connect(db) as conn:
-                    rows = conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-            except sqlite3.OperationalError:  # schema not created yet / locked
-                pass
+    rows = wait_for_rows(proc, out / "sweep.sqlite", 48, timeout=120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 0 < rows < 328, "the sweep must be killed mid-way"

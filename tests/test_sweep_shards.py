@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from sweep_util import wait_for_rows
 
 from stagesweep.evaluate.spec import parse_spec
 from stagesweep.evaluate.sweep import run_sweep
@@ -104,7 +105,6 @@ def test_killed_worker_resumes_only_its_missing_units(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     if not Path("/proc/self/stat").exists():
         import pytest
@@ -115,14 +115,8 @@ def test_killed_worker_resumes_only_its_missing_units(tmp_path):
     cmd = [sys.executable, "-m", "stagesweep", "sweep", str(TINY), "--checkpoint", ckpt,
            "--out", str(out), "--no-prefix-sharing", "--quiet", "--num-processes", "2"]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    victim_db, deadline, rows = out / "sweep.shard1of2.sqlite", time.monotonic() + 180, 0
-    while rows < 32 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        try:
-            with sqlite3.connect(victim_db) as conn:
-                rows = conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        except sqlite3.OperationalError:  # not created yet, or locked
-            pass
+    victim_db = out / "sweep.shard1of2.sqlite"
+    rows = wait_for_rows(proc, victim_db, 32, timeout=180)
     victim = _worker_pid(proc.pid, "1/2")
     assert victim is not None and rows >= 32, "worker 1 must be killed mid-way"
     os.kill(victim, signal.SIGKILL)

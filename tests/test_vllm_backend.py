@@ -7,15 +7,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from sweep_util import wait_for_rows
 
 from stagesweep.cli import main
 from stagesweep.evaluate.backends.vllm import worker_devices
@@ -102,14 +101,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(reference, tmp_path):
     out = tmp_path / "killed"
     # its own process group: the kill takes vLLM's engine process with it
     proc = _sweep(spec, ckpt, out, start_new_session=True)
-    db, rows, deadline = out / "sweep.sqlite", 0, time.monotonic() + 300
-    while rows < 16 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        try:
-            with sqlite3.connect(db) as conn:
-                rows = conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        except sqlite3.OperationalError:  # not created yet, or locked
-            pass
+    rows = wait_for_rows(proc, out / "sweep.sqlite", 16, timeout=300)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 0 < rows < 52, "the sweep must be killed mid-way"
