@@ -31,7 +31,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stagesweep.evaluate.backends.base import Generation, GenerationConfig, GenerationRequest
+from stagesweep.evaluate.backends.base import (
+    Generation,
+    GenerationConfig,
+    GenerationRequest,
+    Score,
+    ScoreRequest,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -258,7 +264,35 @@ class _Runner:
         """Decode full batches of pending prompts (all of them with `everything`)."""
         while len(self.pending) >= self.rows or (everything and self.pending):
             batch, self.pending = self.pending[: self.rows], self.pending[self.rows :]
-            yield from self.decode_rows(batch)
+            yield from self.finish_rows(batch)
+
+    def finish_rows(self, leaves: list[_Leaf]) -> Iterator[Any]:
+        """What happens to prefilled prompts: decoding here, scoring in `_ScoreRunner`."""
+        return self.decode_rows(leaves)
+
+    def packed_cache(self, rows: list[_Leaf], extra: int) -> tuple[Any, torch.Tensor, int]:
+        """The rows' caches re-packed left-padded with room for `extra` new tokens, as
+        `generate` pads a batch: each row's tokens are contiguous up to the new ones, so cache
+        index and position differ by a per-row constant and sliding-window masks (defined on
+        cache indices) stay exact. Returns (cache, attention mask, width)."""
+        from transformers.cache_utils import Cache
+
+        torch = self.torch
+        lengths = torch.tensor([leaf.length for leaf in rows], device=self.device)
+        width = int(lengths.max())
+        layers = []
+        for i, (k0, v0) in enumerate(rows[0].kv.layers):
+            shape = (len(rows), k0.shape[1], width + extra, k0.shape[-1])
+            keys, values = k0.new_zeros(shape), v0.new_zeros(shape)
+            for r, leaf in enumerate(rows):
+                k, v = leaf.kv.layers[i]
+                keys[r, :, width - leaf.length : width] = k[leaf.row, :, : leaf.length]
+                values[r, :, width - leaf.length : width] = v[leaf.row, :, : leaf.length]
+            layers.append(self.layer_class(keys, values, width))
+        self._note_live(len(rows) * (width + extra) * self.bytes_per_token)
+        mask = (torch.arange(width + extra, device=self.device)[None, :]
+                >= (width - lengths)[:, None]).long()
+        return Cache(layers=layers), mask, width
 
     def decode_rows(self, leaves: list[_Leaf]) -> Iterator[Generation]:
         """Greedy (or sampled) decoding of prefilled prompts, in one batch."""
@@ -266,26 +300,8 @@ class _Runner:
         samples = config.num_samples if config.temperature > 0 else 1
         rows = [leaf for leaf in leaves for _ in range(samples)]
         lengths = torch.tensor([leaf.length for leaf in rows], device=self.device)
-        width = int(lengths.max())
-        # Packed left-padded, as `generate` pads a batch: each row's tokens are contiguous up
-        # to the new ones, so cache index and position differ by a per-row constant and
-        # sliding-window masks (defined on cache indices) stay exact.
-        layers = []
-        for i, (k0, v0) in enumerate(rows[0].kv.layers):
-            shape = (len(rows), k0.shape[1], width + config.max_new_tokens, k0.shape[-1])
-            keys, values = k0.new_zeros(shape), v0.new_zeros(shape)
-            for r, leaf in enumerate(rows):
-                k, v = leaf.kv.layers[i]
-                keys[r, :, width - leaf.length : width] = k[leaf.row, :, : leaf.length]
-                values[r, :, width - leaf.length : width] = v[leaf.row, :, : leaf.length]
-            layers.append(self.layer_class(keys, values, width))
-        from transformers.cache_utils import Cache
-
-        cache = Cache(layers=layers)
+        cache, mask, width = self.packed_cache(rows, config.max_new_tokens)
         del leaves
-        self._note_live(len(rows) * (width + config.max_new_tokens) * self.bytes_per_token)
-        mask = (torch.arange(width + config.max_new_tokens, device=self.device)[None, :]
-                >= (width - lengths)[:, None]).long()
         logits = torch.stack([leaf.logits for leaf in rows])
         position = lengths.clone()
 
@@ -372,6 +388,99 @@ class _Runner:
             yield from self.visit(child, branch)
         if kv is not None:
             self.held -= kv.nbytes
+
+
+class _ScoreRunner(_Runner):
+    """`_Runner` whose prefilled prompts are scored instead of decoded: the log-probability of
+    each request's continuations, teacher-forced after the prompt's shared cache."""
+
+    def __init__(self, *args: Any, continuations: dict[str, tuple[tuple[int, ...], ...]],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.continuations = continuations
+
+    def finish_rows(self, leaves: list[_Leaf]) -> Iterator[Score]:
+        rows: list[tuple[_Leaf, tuple[int, ...]]] = []
+        for leaf in leaves:
+            wanted = dict.fromkeys(c for key in leaf.keys for c in self.continuations[key])
+            rows += [(leaf, c) for c in wanted]
+        totals = []
+        # at most `rows` cache rows at a time, as many as a decoding batch holds
+        for start in range(0, len(rows), self.rows):
+            totals += self.score_group(rows[start : start + self.rows]).tolist()
+        values = {(id(leaf), c): v for (leaf, c), v in zip(rows, totals, strict=True)}
+        for leaf in leaves:
+            for key in leaf.keys:
+                yield Score(key, tuple(values[(id(leaf), c)] for c in self.continuations[key]))
+
+    def score_group(self, rows: list[tuple[_Leaf, tuple[int, ...]]]) -> torch.Tensor:
+        """Summed log-probability of each (prefilled prompt, continuation) row."""
+        torch = self.torch
+        extra = max(len(c) for _, c in rows) - 1  # the last token is scored, never fed
+        first = log_probs(torch.stack([leaf.logits for leaf, _ in rows]))
+        totals = first[torch.arange(len(rows), device=self.device),
+                       torch.tensor([c[0] for _, c in rows], device=self.device)]
+        if extra == 0:
+            return totals
+        cache, mask, _ = self.packed_cache([leaf for leaf, _ in rows], extra)
+        ids = torch.full((len(rows), extra), self.pad, dtype=torch.long, device=self.device)
+        targets = torch.full_like(ids, -1)
+        for r, (_, c) in enumerate(rows):
+            ids[r, : len(c) - 1] = torch.tensor(c[:-1])
+            targets[r, : len(c) - 1] = torch.tensor(c[1:])
+        lengths = torch.tensor([leaf.length for leaf, _ in rows], device=self.device)
+        position = lengths[:, None] + torch.arange(extra, device=self.device)[None, :]
+        logits = self._forward(ids, cache, keep=0, position_ids=position, attention_mask=mask)
+        # continuation padding sits after every real token: the causal mask hides it
+        logp = log_probs(logits)
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        self.stats["prefilled_tokens"] += len(rows) * extra
+        return totals + (picked * (targets >= 0)).sum(-1)
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the vocabulary in at least float32 (half-precision sums of many small
+    probabilities lose the tail)."""
+    import torch
+
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits, -1)
+
+
+def score_shared(
+    model: Any,
+    requests: Sequence[ScoreRequest],
+    config: GenerationConfig,
+    *,
+    pad_token_id: int,
+    max_kv_gb: float | None = None,
+    stats: dict | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Iterator[Score]:
+    """Yield one Score per request, prefilling each shared prompt prefix once (the trie walk
+    of `generate_shared`); each prompt's continuations are then run as a batch on its cache.
+    `config.batch_size` is the most prompts scored together."""
+    import torch
+
+    run_stats = new_stats()
+    run_stats["prompt_tokens"] = sum(len(r.prompt_ids) for r in requests)
+    run_stats["trie_tokens"] = trie_tokens([r.prompt_ids for r in requests])
+    if stats is not None:
+        stats.update(run_stats)
+        run_stats = stats
+    if any(not r.prompt_ids or not r.continuations or not all(r.continuations)
+           for r in requests):
+        raise ValueError("every score request needs a non-empty prompt and continuations")
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(f"prefix sharing cannot run this model exactly: {reason}")
+    runner = _ScoreRunner(model, config, pad_token_id, max_kv_gb, chunk_tokens, None, run_stats,
+                          continuations={r.key: r.continuations for r in requests})
+    prompts = [GenerationRequest(r.key, r.prompt_ids, "") for r in requests]
+    with torch.inference_mode():
+        yield from runner.visit(build_trie(prompts), [None, None])
+        yield from runner.flush(everything=True)
 
 
 # Attention kinds whose masks depend only on token distances, which the re-packing keeps;

@@ -32,6 +32,8 @@ RESULT_COLUMNS = [
     "n_benign", "schedule", "opening", "prompt_tokens", "response", "complied",
     "format_adopted", "judge", "status", "prompt_sha",
 ]
+# Appended to RESULT_COLUMNS when a sweep scores `outcome: logprob` (diff = comply - refuse).
+LOGPROB_COLUMNS = ["logprob_comply", "logprob_refuse", "logprob_diff"]
 # Status of a row whose answer still awaits its judge; final statuses are ok, overflow, unparsed,
 # no_final_answer and failed.
 GENERATED = "generated"
@@ -43,6 +45,7 @@ CREATE TABLE IF NOT EXISTS results (
     n_harmful INTEGER, n_benign INTEGER, schedule TEXT, opening TEXT, prompt_tokens INTEGER,
     request_sha TEXT NOT NULL, response TEXT, reasoning TEXT, finish_reason TEXT,
     complied INTEGER, format_adopted INTEGER, judge TEXT, judge_raw TEXT, status TEXT NOT NULL,
+    logprob_comply REAL, logprob_refuse REAL,
     PRIMARY KEY (fingerprint, unit_id, sample)
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -53,8 +56,10 @@ _ROW_COLUMNS = [
     "fingerprint", "unit_id", "sample", "checkpoint", "stage", "step", "design", "query_id",
     "draw", "n_harmful", "n_benign", "schedule", "opening", "prompt_tokens", "request_sha",
     "response", "reasoning", "finish_reason", "complied", "format_adopted", "judge",
-    "judge_raw", "status",
+    "judge_raw", "status", "logprob_comply", "logprob_refuse",
 ]
+# Columns a store from before `outcome: logprob` lacks; added when first written.
+_ADDED_COLUMNS = {"logprob_comply": "REAL", "logprob_refuse": "REAL"}
 
 # Files whose content decides what a checkpoint answers: weights and the small files, all
 # hashed in full.
@@ -180,6 +185,18 @@ class ResultStore:
         with self._disk_errors():
             self.conn.executescript(_SCHEMA)
 
+    def _columns(self) -> set[str]:
+        return {row[1] for row in self.conn.execute("PRAGMA table_info(results)")}
+
+    def _add_columns(self) -> None:
+        """Give a store written before `outcome: logprob` its columns; only a write that needs
+        them does this, so a judged sweep's old store stays byte-identical."""
+        missing = [c for c in _ADDED_COLUMNS if c not in self._columns()]
+        for column in missing:
+            with self._disk_errors():
+                self.conn.execute(f"ALTER TABLE results ADD COLUMN {column} "
+                                  f"{_ADDED_COLUMNS[column]}")
+
     def close(self) -> None:
         self.conn.close()
 
@@ -200,9 +217,30 @@ class ResultStore:
 
     def put(self, rows: list[dict]) -> None:
         """Insert or replace rows in one transaction."""
-        marks = ", ".join("?" * len(_ROW_COLUMNS))
-        self._write(f"INSERT OR REPLACE INTO results ({', '.join(_ROW_COLUMNS)}) VALUES ({marks})",
-                    [tuple(row.get(c) for c in _ROW_COLUMNS) for row in rows])
+        columns = _ROW_COLUMNS
+        if any(row.get(c) is not None for row in rows for c in _ADDED_COLUMNS):
+            self._add_columns()
+        elif not set(_ADDED_COLUMNS) <= self._columns():
+            columns = [c for c in _ROW_COLUMNS if c not in _ADDED_COLUMNS]
+        marks = ", ".join("?" * len(columns))
+        self._write(f"INSERT OR REPLACE INTO results ({', '.join(columns)}) VALUES ({marks})",
+                    [tuple(row.get(c) for c in columns) for row in rows])
+
+    def scored(self, fingerprint: str) -> set[str]:
+        """Unit ids of a checkpoint whose logprob outcome is stored."""
+        if "logprob_comply" not in self._columns():
+            return set()
+        cur = self.conn.execute("SELECT DISTINCT unit_id FROM results WHERE fingerprint = ? AND "
+                                "logprob_comply IS NOT NULL", (fingerprint,))
+        return {unit for (unit,) in cur}
+
+    def set_logprobs(self, fingerprint: str, scores: list[tuple[str, float, float]]) -> None:
+        """Write (unit_id, comply, refuse) onto every sample row of each unit (one
+        transaction): the openings are scored on the prompt, whatever was sampled."""
+        self._add_columns()
+        self._write("UPDATE results SET logprob_comply = ?, logprob_refuse = ? "
+                    "WHERE fingerprint = ? AND unit_id = ?",
+                    [(comply, refuse, fingerprint, unit) for unit, comply, refuse in scores])
 
     def awaiting_judge(self, fingerprint: str) -> list[dict]:
         cur = self.conn.execute(
@@ -284,13 +322,14 @@ def check_stores(paths: list[Path]) -> None:
 def export_results(stores: list[Path],
                    checkpoints: list[tuple[str, str, str | None, int | None]],
                    unit_ids: set[str], out: Path,
-                   labels: dict[str, list[dict]] | None = None) -> pd.DataFrame:
+                   labels: dict[str, list[dict]] | None = None, *,
+                   logprob: bool = False) -> pd.DataFrame:
     """Write results.parquet from one or more stores (shards), limited to this run's
     checkpoints, given as (fingerprint, name, stage, step), and units, sorted deterministically.
 
     `labels` (plan.export_labels) exports a stored answer once per design label of its prompt,
     each row with its own unit id and the prompt's `prompt_sha`; without it a row's
-    `prompt_sha` is its unit id.
+    `prompt_sha` is its unit id. `logprob` appends LOGPROB_COLUMNS (`outcome: logprob`).
 
     Rows are keyed by fingerprint, not name: two lineage nodes with identical weights (a
     `checkpoint-N` saved at a stage's last step and the stage's output) share one set of
@@ -306,6 +345,9 @@ def export_results(stores: list[Path],
     stored = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=_ROW_COLUMNS)
     stored = stored.drop_duplicates(["fingerprint", "unit_id", "sample"])
+    for column in _ADDED_COLUMNS:  # a store from before the logprob outcome
+        if column not in stored.columns:
+            stored[column] = None
     named = [stored[stored["fingerprint"] == fp].assign(checkpoint=name, stage=stage, step=step)
              for fp, name, stage, step in checkpoints]
     df = pd.concat(named, ignore_index=True) if named else stored
@@ -327,7 +369,13 @@ def export_results(stores: list[Path],
         df[column] = df[column].astype("Int64")
     df = df.sort_values(["checkpoint", "design", "query_id", "draw", "n_harmful", "n_benign",
                          "schedule", "opening", "unit_id"], kind="stable")
-    df = df[RESULT_COLUMNS].reset_index(drop=True)
+    columns = RESULT_COLUMNS
+    if logprob:
+        columns = RESULT_COLUMNS + LOGPROB_COLUMNS
+        for column in ("logprob_comply", "logprob_refuse"):
+            df[column] = pd.to_numeric(df[column]).astype("Float64")
+        df["logprob_diff"] = df["logprob_comply"] - df["logprob_refuse"]
+    df = df[columns].reset_index(drop=True)
     with atomic_path(out) as tmp:  # a kill mid-write leaves the previous table whole
         df.to_parquet(tmp, index=False)
     return df

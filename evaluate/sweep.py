@@ -171,11 +171,35 @@ def setup_checkpoint(ref: CheckpointRef, spec: SweepSpec, *, weights: bool, allo
     gen = spec.generation
     config = dataclasses.replace(
         gen, stop_token_ids=gen.stop_token_ids or stop_token_ids(str(local), tok))
+    if not spec.generates:
+        # Judge-free: a prompt needs room for its longest opening only (the overflow check
+        # and the fit to context windows read max_new_tokens).
+        room = max(len(tok(o, add_special_tokens=False)["input_ids"]) for o in openings(spec))
+        config = dataclasses.replace(config, max_new_tokens=room + 1, num_samples=1)
     limit = context_limit(str(local), tok, spec)
-    settings = json.dumps({"generation": dataclasses.asdict(config), "judge": spec.judge,
-                           "judge_options": spec.judge_options, "family": family,
-                           "context_limit": limit}, sort_keys=True, default=str)
+    record: dict[str, Any] = {"family": family, "context_limit": limit}
+    if spec.generates:
+        record |= {"generation": dataclasses.asdict(config), "judge": spec.judge,
+                   "judge_options": spec.judge_options}
+    if spec.scores_logprob:
+        # Part of every unit's request_sha: a changed outcome or opening is a changed spec.
+        record |= {"outcome": [o.value for o in spec.outcomes],
+                   "logprob": dataclasses.asdict(spec.logprob)}
+    settings = json.dumps(record, sort_keys=True, default=str)
     return CheckpointSetup(ref, local, tok, fingerprint, family, limit, config, settings, source)
+
+
+def openings(spec: SweepSpec) -> list[str]:
+    """The scored openings in the order a ScoreRequest carries them: comply, then refuse."""
+    return [*spec.logprob.comply, *spec.logprob.refuse]
+
+
+def combine_openings(spec: SweepSpec, logprobs: tuple[float, ...]) -> tuple[float, float]:
+    """(comply, refuse): each side's log of the summed probability of its openings."""
+    import numpy as np
+
+    n = len(spec.logprob.comply)
+    return (float(np.logaddexp.reduce(logprobs[:n])), float(np.logaddexp.reduce(logprobs[n:])))
 
 
 def _chunks(units: list[WorkUnit]) -> Iterator[list[WorkUnit]]:
@@ -200,97 +224,77 @@ def _base_row(unit: WorkUnit, cs: CheckpointSetup, n_tokens: int, sha: str) -> d
     }
 
 
-def _read_existing(stores: list[Path], fingerprint: str) -> dict:
+def _read_existing(stores: list[Path], fingerprint: str) -> tuple[dict, set[str]]:
     """Stored rows of a checkpoint across every store in the out dir (a re-run with another
-    --num-processes still finds the rows earlier workers wrote)."""
+    --num-processes still finds the rows earlier workers wrote), and the units whose logprob
+    outcome is stored."""
     existing: dict = {}
+    scored: set[str] = set()
     for path in stores:
         store = ResultStore(path, readonly=True)
         try:
             existing.update(store.existing(fingerprint))
+            scored |= store.scored(fingerprint)
         except sqlite3.OperationalError:  # a worker's store that has no table yet
             pass
         finally:
             store.close()
-    return existing
+    return existing, scored
 
 
 def _generate_checkpoint(cs: CheckpointSetup, spec: SweepSpec, units: list[WorkUnit],
                          pools: dict[str, DemoPool], store: ResultStore, stores: list[Path],
                          opts: dict) -> dict[str, int]:
-    """Render every unit, record overflows, generate what is missing; returns counts."""
+    """Render every unit, record overflows, generate what is missing and score the openings
+    of `outcome: logprob`; returns counts."""
     from tqdm.auto import tqdm
 
-    from stagesweep.evaluate.backends.base import GenerationRequest, get_backend_class
-    from stagesweep.evaluate.reasoning import SPECIAL_TOKEN_FAMILIES, split_reasoning
-    from stagesweep.evaluate.render import render_units
+    from stagesweep.evaluate.backends.base import get_backend_class
 
-    existing = _read_existing(stores, cs.fingerprint)
+    existing, scored = _read_existing(stores, cs.fingerprint)
     redo = {"failed"} if opts["retry_failed"] else set()
     samples = cs.config.num_samples
 
-    def finished(unit_id: str) -> bool:
+    def generated(unit_id: str) -> bool:
         rows = [existing.get((unit_id, s)) for s in range(samples)]
         return all(r and r[0] not in redo for r in rows)
 
+    def unscored(unit_id: str) -> bool:
+        row = existing.get((unit_id, 0))
+        return spec.scores_logprob and unit_id not in scored and not (row and row[0] == "overflow")
+
+    def finished(unit_id: str) -> bool:
+        return generated(unit_id) and not unscored(unit_id)
+
     todo = sum(not finished(u.unit_id) for u in units)
-    counts = {"generated": 0, "overflow": 0, "skipped": 0}
-    bar = tqdm(total=todo * samples, desc=f"generate {cs.ref.name}", unit="answer",
+    counts = {"generated": 0, "overflow": 0, "skipped": 0, "scored": 0}
+    bar = tqdm(total=todo * samples, desc=f"{'generate' if spec.generates else 'score'} "
+               f"{cs.ref.name}", unit="answer" if spec.generates else "unit",
                disable=not opts["progress"], dynamic_ncols=True)
     backend = None
     changed = 0
+    continuation_cache: dict = {}
     try:
         for chunk in _chunks(units):
-            texts, ids = render_units(cs.tokenizer, chunk, pools, spec)
-            requests, rows_by_key, overflow_rows = [], {}, []
-            for unit, text, prompt_ids in zip(chunk, texts, ids, strict=True):
-                sha = request_sha(prompt_ids, cs.settings)
-                stored = existing.get((unit.unit_id, 0))
-                if stored and stored[1] != sha:
-                    changed += 1
-                    continue
-                if finished(unit.unit_id):
-                    counts["skipped"] += 1
-                    continue
-                row = _base_row(unit, cs, len(prompt_ids), sha)
-                if cs.limit and len(prompt_ids) + cs.config.max_new_tokens > cs.limit:
-                    # Never truncated: the unit is recorded as not run and counted.
-                    overflow_rows += [{**row, "sample": s, "status": "overflow", "response": ""}
-                                      for s in range(samples)]
-                    continue
-                rows_by_key[unit.unit_id] = row
-                requests.append(GenerationRequest(unit.unit_id, tuple(prompt_ids), text))
+            work = _chunk_work(cs, spec, chunk, pools, existing, finished, generated, unscored,
+                               continuation_cache)
+            changed += work.changed
+            counts["skipped"] += work.skipped
             if changed:
                 break
-            if overflow_rows:
-                store.put(overflow_rows)
-                counts["overflow"] += len(overflow_rows) // samples
-                bar.update(len(overflow_rows))
-            if not requests:
+            if work.overflow_rows:
+                store.put(work.overflow_rows)
+                counts["overflow"] += len(work.overflow_rows) // samples
+                bar.update(len(work.overflow_rows))
+            if not (work.requests or work.scoring):
                 continue
             if backend is None:
                 backend = _open_backend(cs, opts, get_backend_class)
-            batch = []
-            for gen in backend.generate(requests, cs.config, progress=bar.update):
-                text = gen.text
-                if gen.token_ids and cs.family not in SPECIAL_TOKEN_FAMILIES:
-                    # Served backends return text with special tokens skipped; match them.
-                    text = cs.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-                reasoning, final = split_reasoning(text, cs.family)
-                failed = gen.finish_reason == "error"
-                status = "failed" if failed else GENERATED if final is not None \
-                    else "no_final_answer"
-                batch.append({**rows_by_key[gen.key], "sample": gen.sample,
-                              "response": text if final is None else final,
-                              "reasoning": reasoning, "finish_reason": gen.finish_reason,
-                              "status": status})
-                if len(batch) >= cs.config.batch_size:
-                    store.put(batch)
-                    counts["generated"] += len(batch)
-                    batch = []
-            if batch:
-                store.put(batch)
-                counts["generated"] += len(batch)
+            if work.requests:
+                counts["generated"] += _generate_chunk(cs, backend, work, store, bar)
+            if work.scoring:
+                counts["scored"] += _score_chunk(cs, spec, backend, work, store,
+                                                 None if spec.generates else bar)
     finally:
         bar.close()
         if backend is not None:
@@ -298,10 +302,120 @@ def _generate_checkpoint(cs: CheckpointSetup, spec: SweepSpec, units: list[WorkU
     if changed:
         raise UserError(
             f"{store.path.parent} already holds answers of {cs.ref.name} for prompts or settings "
-            "that differ from this spec's (the spec, pools or generation settings changed); "
-            "use a new --out dir"
+            "that differ from this spec's (the spec, pools, generation settings or outcome "
+            "changed); use a new --out dir"
         )
     return counts
+
+
+@dataclass
+class _ChunkWork:
+    """One chunk's units sorted into what the backend must do: generate, score, or nothing."""
+
+    requests: list  # GenerationRequests
+    scoring: list  # ScoreRequests
+    rows_by_key: dict[str, dict]
+    overflow_rows: list[dict]
+    changed: int = 0
+    skipped: int = 0
+
+
+def _chunk_work(cs: CheckpointSetup, spec: SweepSpec, chunk: list[WorkUnit],
+                pools: dict[str, DemoPool], existing: dict, finished: Any, generated: Any,
+                unscored: Any, continuation_cache: dict) -> _ChunkWork:
+    from stagesweep.evaluate.backends.base import (
+        GenerationRequest,
+        ScoreRequest,
+        continuation_ids,
+    )
+    from stagesweep.evaluate.render import render_units
+
+    samples = cs.config.num_samples
+    texts, ids = render_units(cs.tokenizer, chunk, pools, spec)
+    work = _ChunkWork([], [], {}, [])
+    for unit, text, prompt_ids in zip(chunk, texts, ids, strict=True):
+        sha = request_sha(prompt_ids, cs.settings)
+        stored = existing.get((unit.unit_id, 0))
+        if stored and stored[1] != sha:
+            work.changed += 1
+            continue
+        if finished(unit.unit_id):
+            work.skipped += 1
+            continue
+        row = _base_row(unit, cs, len(prompt_ids), sha)
+        if cs.limit and len(prompt_ids) + cs.config.max_new_tokens > cs.limit:
+            # Never truncated: the unit is recorded as not run and counted.
+            work.overflow_rows += [{**row, "sample": s, "status": "overflow", "response": ""}
+                                   for s in range(samples)]
+            continue
+        work.rows_by_key[unit.unit_id] = row
+        generate = spec.generates and not generated(unit.unit_id)
+        if generate:
+            work.requests.append(GenerationRequest(unit.unit_id, tuple(prompt_ids), text))
+        if spec.scores_logprob and (generate or unscored(unit.unit_id)):
+            # A regenerated row replaces the stored one, its scores included: score it again.
+            texts_ = openings(spec)
+            work.scoring.append(ScoreRequest(
+                unit.unit_id, tuple(prompt_ids),
+                tuple(continuation_ids(cs.tokenizer, text, o, continuation_cache)
+                      for o in texts_), text, tuple(texts_)))
+    return work
+
+
+def _generate_chunk(cs: CheckpointSetup, backend: Any, work: _ChunkWork, store: ResultStore,
+                    bar: Any) -> int:
+    """Generate the chunk's answers, stored in batches as they come; returns the count."""
+    from stagesweep.evaluate.reasoning import SPECIAL_TOKEN_FAMILIES, split_reasoning
+
+    done, batch = 0, []
+    for gen in backend.generate(work.requests, cs.config, progress=bar.update):
+        text = gen.text
+        if gen.token_ids and cs.family not in SPECIAL_TOKEN_FAMILIES:
+            # Served backends return text with special tokens skipped; match them.
+            text = cs.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        reasoning, final = split_reasoning(text, cs.family)
+        failed = gen.finish_reason == "error"
+        status = "failed" if failed else GENERATED if final is not None else "no_final_answer"
+        batch.append({**work.rows_by_key[gen.key], "sample": gen.sample,
+                      "response": text if final is None else final,
+                      "reasoning": reasoning, "finish_reason": gen.finish_reason,
+                      "status": status})
+        if len(batch) >= cs.config.batch_size:
+            store.put(batch)
+            done += len(batch)
+            batch = []
+    if batch:
+        store.put(batch)
+        done += len(batch)
+    return done
+
+
+def _score_chunk(cs: CheckpointSetup, spec: SweepSpec, backend: Any, work: _ChunkWork,
+                 store: ResultStore, bar: Any) -> int:
+    """Score the chunk's openings. A judge-free sweep stores finished rows (status ok, no
+    answer); a judged one adds the scores to its answers' rows. Returns the units scored."""
+    done, batch = 0, []
+
+    def flush() -> None:
+        if spec.generates:
+            store.set_logprobs(cs.fingerprint, [(r["unit_id"], r["logprob_comply"],
+                                                 r["logprob_refuse"]) for r in batch])
+        else:
+            store.put(batch)
+
+    for result in backend.score(work.scoring, cs.config,
+                                progress=bar.update if bar is not None else None):
+        comply, refuse = combine_openings(spec, result.logprobs)
+        batch.append({**work.rows_by_key[result.key], "status": "ok", "response": "",
+                      "logprob_comply": comply, "logprob_refuse": refuse})
+        if len(batch) >= cs.config.batch_size:
+            flush()
+            done += len(batch)
+            batch = []
+    if batch:
+        flush()
+        done += len(batch)
+    return done
 
 
 def _open_backend(cs: CheckpointSetup, opts: dict, get_backend_class: Any) -> Any:
@@ -540,7 +654,7 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
               for ref in refs]
     if progress and digests.bytes_hashed:
         print(f"fingerprints: hashed weights, {digests.throughput()}")
-    counts = {"generated": 0, "overflow": 0, "skipped": 0, "judged": 0}
+    counts = {"generated": 0, "overflow": 0, "skipped": 0, "scored": 0, "judged": 0}
     if store_path is not None:
         store, judge = ResultStore(store_path), _SharedJudge(spec)
         try:
@@ -549,7 +663,7 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
                 for k, v in _generate_checkpoint(cs, spec, mine, pools, store,
                                                  _store_paths(out), opts).items():
                     counts[k] += v
-            for cs in setups:
+            for cs in setups if spec.generates else []:
                 counts["judged"] += _judge_checkpoint(cs, spec, pools, store, opts, judge)
         finally:
             judge.close()
@@ -559,18 +673,23 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
         return results
     df = export_results(_store_paths(out),
                         [(cs.fingerprint, cs.ref.name, cs.ref.stage, cs.ref.step) for cs in setups],
-                        {u.unit_id for u in units}, results, export_labels(units))
+                        {u.unit_id for u in units}, results, export_labels(units),
+                        logprob=spec.scores_logprob)
     _write_spec_copy(spec, out / "spec.yaml")
     _write_provenance(out, spec, setups, units, backend_name)
     if progress:
         status = df["status"].value_counts().to_dict()
-        rate = df.loc[df["status"] == "ok", "complied"].mean()
+        ok = df[df["status"] == "ok"]
+        outcome = [f"compliance {ok['complied'].mean():.1%}"] if spec.generates else []
+        if spec.scores_logprob:
+            outcome.append(f"mean logprob_diff {ok['logprob_diff'].astype(float).mean():+.3f}")
         print(f"sweep: {len(refs)} checkpoint(s), {len(units)} units each, {len(df)} rows "
               f"({', '.join(f'{k} {v}' for k, v in sorted(status.items()))}); generated "
-              f"{counts['generated']}, resumed {counts['skipped']}; compliance "
-              f"{rate:.1%} in {time.monotonic() - started:.0f}s -> {results}")
+              f"{counts['generated']}, scored {counts['scored']}, resumed {counts['skipped']}; "
+              f"{', '.join(outcome)} in {time.monotonic() - started:.0f}s -> {results}")
     rows = sum(len(u.labels) for u in units)
-    missing = rows * len(setups) * spec.generation.num_samples - len(df)
+    samples = spec.generation.num_samples if spec.generates else 1
+    missing = rows * len(setups) * samples - len(df)
     if missing > 0:
         raise UserError(f"{missing} units have no stored answer (a worker failed?); re-run the "
                         "same command to finish them")

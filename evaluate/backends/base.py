@@ -47,6 +47,55 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Continuations to score after one prompt (teacher-forced, no sampling).
+
+    `continuations` are token ids that follow `prompt_ids` directly; `openings` are the same
+    continuations as text (for servers that tokenize text themselves), in the same order."""
+
+    key: str
+    prompt_ids: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+    prompt_text: str = ""
+    openings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Score:
+    """Summed log-probability of each continuation of a ScoreRequest, in its order."""
+
+    key: str
+    logprobs: tuple[float, ...]
+
+
+# Characters of the prompt's end re-tokenized with an opening to see how they join: the
+# assistant header (`<|im_start|>assistant\n`, `<|start_header_id|>assistant<|end_header_id|>
+# \n\n`) fits, and every prompt of a sweep ends with the same one, so this is computed once.
+_TAIL_CHARS = 64
+
+
+def continuation_ids(tokenizer: Any, prompt_text: str, opening: str,
+                     cache: dict | None = None) -> tuple[int, ...]:
+    """Token ids of `opening` as it would continue `prompt_text`: the tokenization of
+    tail + opening after the tail's own ids. If the two merge across the boundary (a template
+    ending in a space, say), no continuation of the prompt's ids spells the opening, and the
+    opening's own tokenization is scored after the prompt as rendered."""
+    tail = prompt_text[-_TAIL_CHARS:]
+    key = (tail, opening)
+    if cache is not None and key in cache:
+        return cache[key]
+    head = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    full = tokenizer(tail + opening, add_special_tokens=False)["input_ids"]
+    if full[: len(head)] == head and len(full) > len(head):
+        ids = tuple(full[len(head):])
+    else:
+        ids = tuple(tokenizer(opening, add_special_tokens=False)["input_ids"])
+    if cache is not None:
+        cache[key] = ids
+    return ids
+
+
 class Backend(Protocol):
     name: str
 
@@ -57,6 +106,15 @@ class Backend(Protocol):
         progress: Callable[[int], None] | None = None,
     ) -> Iterator[Generation]:
         """Yield one Generation per request and sample, in any order, as they finish."""
+        ...
+
+    def score(
+        self,
+        requests: Sequence[ScoreRequest],
+        config: GenerationConfig,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[Score]:
+        """Yield one Score per request, in any order (`outcome: logprob`)."""
         ...
 
     def close(self) -> None:

@@ -17,6 +17,8 @@ from stagesweep.evaluate.backends.base import (
     Generation,
     GenerationConfig,
     GenerationRequest,
+    Score,
+    ScoreRequest,
     answer_text,
     batched,
 )
@@ -113,6 +115,59 @@ class HFBackend:
                                  "stop" if ended else "length", j % config.num_samples)
             if progress:
                 progress(len(batch))
+
+    def score(self, requests: Sequence[ScoreRequest], config: GenerationConfig,
+              progress: Callable[[int], None] | None = None) -> Iterator[Score]:
+        """Teacher-forced log-probabilities of each request's continuations; shared prompt
+        prefixes are prefilled once with `prefix_sharing` (the plain path is the reference)."""
+        if self.prefix_sharing:
+            from stagesweep.evaluate.prefix_sharing import score_shared, unsupported_reason
+
+            if (reason := unsupported_reason(self.model)) is None:
+                for result in score_shared(self.model, requests, config,
+                                           pad_token_id=self.pad_token_id,
+                                           max_kv_gb=self.max_kv_gb, stats=self.stats):
+                    if progress:
+                        progress(1)
+                    yield result
+                return
+            warnings.warn(f"prefix sharing off for this model: {reason}", stacklevel=2)
+        yield from self._score_plain(requests, config, progress)
+
+    def _score_plain(self, requests, config, progress) -> Iterator[Score]:
+        """Each prompt + continuation as one right-padded row (padding after every real token,
+        so positions need no correction); only the continuation positions reach the head."""
+        import torch
+
+        from stagesweep.evaluate.prefix_sharing import log_probs
+
+        rows = [(r, c) for r in requests for c in dict.fromkeys(r.continuations)]
+        rows.sort(key=lambda row: (len(row[0].prompt_ids) + len(row[1]), row[0].key))
+        values: dict[tuple[str, tuple[int, ...]], float] = {}
+        left = {r.key: len(set(r.continuations)) for r in requests}
+        for batch in batched(rows, config.batch_size):
+            seqs = [list(r.prompt_ids) + list(c) for r, c in batch]
+            enc = self.tokenizer.pad({"input_ids": seqs}, padding=True, return_tensors="pt",
+                                     padding_side="right")
+            # logits at position t predict token t + 1: a continuation's tokens are predicted
+            # from the prompt's last position to the one before the sequence's end
+            spans = [(len(r.prompt_ids) - 1, len(r.prompt_ids) + len(c) - 1) for r, c in batch]
+            keep = torch.tensor(sorted({t for a, b in spans for t in range(a, b)}))
+            where = {int(t): i for i, t in enumerate(keep)}
+            with torch.inference_mode():
+                logits = self.model(input_ids=enc["input_ids"].to(self.device),
+                                    attention_mask=enc["attention_mask"].to(self.device),
+                                    logits_to_keep=keep.to(self.device)).logits
+                logp = log_probs(logits)
+            for j, ((r, c), (a, b)) in enumerate(zip(batch, spans, strict=True)):
+                values[(r.key, c)] = float(sum(logp[j, where[t], c[t - a]] for t in range(a, b)))
+                left[r.key] -= 1
+                if left[r.key] == 0:
+                    if progress:
+                        progress(1)
+                    yield Score(r.key, tuple(values[(r.key, x)] for x in r.continuations))
+                    for x in r.continuations:
+                        values.pop((r.key, x), None)
 
     def close(self) -> None:
         import gc
