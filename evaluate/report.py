@@ -269,10 +269,14 @@ BY_DESIGN = ["checkpoint", "design", "b2", "95% CI", "p", "direction"]
 
 
 def by_design_rows(summary: dict) -> list[list[str]]:
-    """b2 per count design (ablations with other benign pools sit here, not in the headline)."""
+    """b2 per count design (ablations with other benign pools sit here, not in the headline),
+    and the b2 of the judge-free outcome (`outcome: logprob`) on the headline designs."""
     rows = []
     for name, c in summary["checkpoints"].items():
-        for design, e in (c.get("benign_effect_by_design") or {}).items():
+        designs = dict(c.get("benign_effect_by_design") or {})
+        if "benign_effect_logprob" in c:
+            designs["headline, on logprob_diff (OLS)"] = c["benign_effect_logprob"]
+        for design, e in designs.items():
             rows.append([name, design, _fmt(e["beta"]),
                          f"[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]",
                          _fmt(e["p_value"], "{:.2g}"), e.get("skipped") or e["direction"]])

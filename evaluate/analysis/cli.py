@@ -93,6 +93,13 @@ def format_summary(summary: dict) -> str:
         )
         if e.get("skipped"):
             lines.append(f"  b2 skipped: {e['skipped']}")
+        if "benign_effect_logprob" in c:
+            lp = c["benign_effect_logprob"]
+            lines.append(
+                f"  logprob b2 {_num(lp['beta'])} [{_num(lp['ci_low'])}, {_num(lp['ci_high'])}] "
+                f"p={_num(lp['p_value'], '{:.2g}')} n={lp.get('n', '-')} ({lp['direction']}; "
+                "OLS of logprob_diff, same clustering)"
+                + (f"; skipped: {lp['skipped']}" if lp.get("skipped") else ""))
         if (c.get("exclusions") or {}).get("warning"):
             lines.append(f"  {c['exclusions']['warning']}")
     for d in summary["stage_differences"]:

@@ -12,6 +12,8 @@ import pandas as pd
 from stagesweep.evaluate.analysis import hypotheses
 
 REQUIRED = ("checkpoint", "query_id", "n_harmful", "n_benign", "complied")
+# A judge-free table (`outcome: logprob`) may carry this instead of `complied`.
+LOGPROB = "logprob_diff"
 
 
 OPTIONAL = ("unit_id", "draw", "stage", "step", "design", "schedule", "opening",
@@ -108,6 +110,11 @@ def read_sweep(results: Path) -> pd.DataFrame:
 
 def validate(frame: pd.DataFrame, source: str, designs: list[str] | None = None) -> pd.DataFrame:
     """Check the minimal columns and value ranges; normalise types. One-line errors."""
+    if {"logprob_comply", "logprob_refuse"} <= set(frame.columns) and LOGPROB not in frame:
+        frame = frame.assign(**{LOGPROB: pd.to_numeric(frame["logprob_comply"])
+                                - pd.to_numeric(frame["logprob_refuse"])})
+    if LOGPROB in frame.columns and "complied" not in frame.columns:
+        frame = frame.assign(complied=None)  # judge-free: only the logprob outcome is fitted
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise user_error(
@@ -150,6 +157,13 @@ def validate(frame: pd.DataFrame, source: str, designs: list[str] | None = None)
                 f"{source}: column {col!r} must be 0/1 or empty (found {bad.iloc[0]!r})"
             )
         frame[col] = values.astype("Int64")
+    if LOGPROB in frame.columns:
+        values = pd.to_numeric(frame[LOGPROB], errors="coerce")
+        if (frame[LOGPROB].notna() & values.isna()).any() or np.isinf(values).any():
+            bad = frame.loc[(frame[LOGPROB].notna() & values.isna()) | np.isinf(values), LOGPROB]
+            raise user_error(f"{source}: column {LOGPROB!r} must hold finite numbers or be "
+                             f"empty (found {bad.iloc[0]!r})")
+        frame[LOGPROB] = values.astype(float)
     frame["checkpoint"] = frame["checkpoint"].astype(str)
     frame["query_id"] = frame["query_id"].astype(str)
     frame["draw"] = frame["draw"].fillna(0).astype(str)
@@ -200,6 +214,19 @@ def usable(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     rows = frame[ok & ~no_label].copy()
     rows["complied"] = rows["complied"].astype(int)
     return rows, excluded
+
+
+def logprob_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows behind the logprob b2: the headline count rows with a logprob_diff, each prompt
+    once (its samples carry the same scores: the openings are scored on the prompt)."""
+    if LOGPROB not in frame.columns:
+        return frame.iloc[:0]
+    status = frame["status"].fillna("ok").astype(str)
+    rows = frame[(status == "ok") & frame[LOGPROB].notna()]
+    sha = rows["prompt_sha"].astype(object)
+    rows = rows.assign(prompt_sha=sha.where(sha.isna(), sha.astype(str).str.replace(
+        r"/s\d+$", "", regex=True)))
+    return count_rows(rows)
 
 
 def distinct_prompts(frame: pd.DataFrame) -> pd.DataFrame:

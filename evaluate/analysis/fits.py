@@ -276,3 +276,74 @@ def benign_effect(
                           **{f"{k}_pp" if k.startswith("ci") else k: v for k, v in tost.items()}}
     return out, fit
 
+
+
+# The continuous judge-free outcome (`outcome: logprob`): comply minus refuse opening log-prob.
+LOGPROB_MODEL = "logprob_diff = b0 + b1 log(N_h+1) + b2 log(N_b+1) (OLS)"
+
+
+def benign_effect_logprob(frame: pd.DataFrame, *, alpha: float, cluster: str) -> dict:
+    """The benign effect on `logprob_diff`: the judged fit's design and clustering made linear
+    (OLS, cluster-robust CR1 by query, or query and draw, with t(G-1) inference), so its b2
+    (nats of comply-over-refuse per unit of log(N_b + 1)) can be read beside the judged b2:
+    both positive means benign demos move the model towards complying."""
+    import statsmodels.api as sm
+
+    if frame.empty:
+        return {**empty_effect("no rows with a logprob_diff"), "n": 0}
+    reason = None
+    if frame["n_benign"].nunique() < 2:
+        reason = (f"a single N_b value ({int(frame['n_benign'].iloc[0])}): the benign slope "
+                  "needs at least two N_b values")
+    elif frame["query_id"].nunique() < 2:
+        reason = "fewer than 2 queries: cluster-robust errors need at least 2 clusters"
+    shared = shared_draws_problem(frame, cluster)
+    if reason or shared:
+        if reason:
+            return {**empty_effect(reason), "n": int(len(frame))}
+        conditional = benign_effect_logprob(frame, alpha=alpha, cluster="query")
+        keep = ("beta", "se", "ci_low", "ci_high", "p_value")
+        return {**empty_effect(shared), "beta": conditional["beta"], "n": int(len(frame)),
+                "conditional_on_draws": {k: conditional.get(k) for k in keep}}
+    x = design_columns(frame)[["log_nh", "log_nb"]]
+    if frame["n_harmful"].nunique() < 2:
+        x = x[["log_nb"]]
+    exog = sm.add_constant(x, has_constant="add")
+    groups = cluster_groups(frame, cluster)
+    try:
+        res = sm.OLS(frame["logprob_diff"].to_numpy(float), exog).fit(
+            cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
+    except (ZeroDivisionError, np.linalg.LinAlgError, ValueError) as err:
+        return {**empty_effect(f"cluster-robust variance cannot be computed ({err})"),
+                "n": int(len(frame))}
+    params = pd.Series(res.params, index=exog.columns)
+    bse = pd.Series(res.bse, index=exog.columns)
+    if not math.isfinite(bse["log_nb"]) or bse["log_nb"] <= 0:
+        return {**empty_effect("cluster-robust variance is not positive (too few clusters, or "
+                               "logprob_diff does not vary)"), "n": int(len(frame))}
+    from scipy import stats
+
+    n_groups = res.n_groups if hasattr(res, "n_groups") else None
+    n_clusters = int(min(n_groups) if isinstance(n_groups, tuple) else n_groups)
+    df = int(res.df_resid_inference)
+    beta, se = float(params["log_nb"]), float(bse["log_nb"])
+    half = float(stats.t.ppf(1 - alpha / 2, df)) * se
+    p = float(pd.Series(res.pvalues, index=exog.columns)["log_nb"])
+    return {
+        "beta": beta,
+        "se": se,
+        "ci_low": beta - half,
+        "ci_high": beta + half,
+        "p_value": p,
+        "direction": verdicts.direction(beta, p, alpha),
+        "b0": float(params["const"]),
+        "b1": float(params["log_nh"]) if "log_nh" in params else None,
+        "n": int(res.nobs),
+        "n_clusters": n_clusters,
+        "df": df,
+        "clustering": "query+draw" if groups.ndim == 2 else "query",
+        "mean_diff": float(frame["logprob_diff"].mean()),
+        "model": LOGPROB_MODEL,
+        "notes": [f"only {n_clusters} clusters: cluster-robust intervals tend to be too narrow "
+                  f"below ~{FEW_CLUSTERS}"] if n_clusters < FEW_CLUSTERS else [],
+    }

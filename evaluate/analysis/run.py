@@ -23,6 +23,7 @@ from stagesweep.evaluate.analysis.data import (
     distinct_prompts,
     judge_split,
     load_results,
+    logprob_rows,
     usable,
     user_error,
     validate,
@@ -47,6 +48,11 @@ def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str, sesoi_p
     overall = rates.rate_row(distinct_prompts(rows), alpha)
     zero = counts[(counts["n_harmful"] == 0) & (counts["n_benign"] == 0)]
     effect, fit = fits.benign_effect(counts, alpha=alpha, cluster=mode, sesoi_pp=sesoi_pp)
+    judge_free = "logprob_diff" in raw.columns and raw["complied"].isna().all() and raw[
+        "logprob_diff"].notna().any()
+    if judge_free:
+        effect["skipped"] = ("judge-free sweep (outcome: logprob): no judged outcome; see "
+                             "benign_effect_logprob")
     count_designs = list(rows.loc[rows["_role"] == "count", "design"].dropna().unique())
     by_design = {
         name: fits.benign_effect(distinct_prompts(rows[rows["design"] == name]), alpha=alpha,
@@ -82,6 +88,9 @@ def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str, sesoi_p
         "baseline": rates.rate_row(zero, alpha) if len(zero) else None,
         "benign_effect": effect,
         "benign_effect_by_design": by_design,
+        **({"benign_effect_logprob": fits.benign_effect_logprob(
+            logprob_rows(raw), alpha=alpha, cluster=mode)}
+           if "logprob_diff" in raw.columns and raw["logprob_diff"].notna().any() else {}),
         "fit_designs": list(counts["design"].dropna().unique()),
         "h_total": h_total,
         "model_comparison": hypotheses.model_comparison(counts),
@@ -179,7 +188,9 @@ def analyze(
     b2 = [{"checkpoint": n, "stage": checkpoints[n]["stage"], "step": checkpoints[n]["step"],
            **{k: checkpoints[n]["benign_effect"].get(k)
               for k in ("beta", "ci_low", "ci_high", "p_value", "p_holm", "direction",
-                        "verdict")}}
+                        "verdict")},
+           **({"beta_logprob": checkpoints[n]["benign_effect_logprob"].get("beta")}
+              if "benign_effect_logprob" in checkpoints[n] else {})}
           for n in order]
     trajectory = [r for r in b2 if r["stage"] is not None] if any(
         r["step"] is not None for r in b2) else []
@@ -193,7 +204,9 @@ def analyze(
                      "primary": list(primary) if primary else None,
                      "multiplicity": "Holm across checkpoints (benign_effect.p_holm) and "
                      "across stage differences (p_holm)",
-                     "order": order, "model": "logit P = b0 + b1 log(N_h+1) + b2 log(N_b+1)"},
+                     "order": order, "model": "logit P = b0 + b1 log(N_h+1) + b2 log(N_b+1)",
+                     **({"model_logprob": fits.LOGPROB_MODEL} if any(
+                         "benign_effect_logprob" in c for c in checkpoints.values()) else {})},
     })
     write_outputs(Path(out), summary, tables)
     return summary
@@ -218,6 +231,9 @@ def write_outputs(out: Path, summary: dict, tables: dict[str, list[dict]]) -> No
             "h_total_rejected": c["h_total"]["rejected"],
             "best_model_aic": c["model_comparison"].get("best_aic"),
             "excluded": sum(c["excluded"].values()),
+            **({f"b2_logprob_{k}": c["benign_effect_logprob"].get(k)
+                for k in ("beta", "ci_low", "ci_high", "p_value", "n")}
+               if "benign_effect_logprob" in c else {}),
         })
     frames = {
         "per_checkpoint": pd.DataFrame(per_checkpoint),
