@@ -32,7 +32,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
-from stagesweep.evaluate.backends.base import Generation, GenerationConfig, GenerationRequest
+from stagesweep.evaluate.backends.base import (
+    Generation,
+    GenerationConfig,
+    GenerationRequest,
+    Score,
+    ScoreRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,7 @@ class OpenAIBackend:
             limits=httpx.Limits(max_connections=self.concurrency),
         )
         self._checked = 0
+        self._warned_split = False
         listed = self._models()
         self.model = model or listed[0]["id"]
         owners = {m.get("owned_by") for m in listed if m.get("id") == self.model}
@@ -119,6 +126,66 @@ class OpenAIBackend:
                     yield request.key, sample, body
 
         yield from self._run(jobs(), "/completions", _completion_text, progress)
+
+    def score(
+        self,
+        requests: Sequence[ScoreRequest],
+        config: GenerationConfig,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[Score]:
+        """Log-probabilities of each request's openings from the legacy completions endpoint
+        with `echo: true` and `logprobs`: the prompt plus the opening is sent as text, and the
+        opening's tokens are those the server's echo places at or after the prompt's end
+        (`text_offset`). Servers that do not return echoed log-probs (`transformers serve`
+        ignores both fields) are a one-line error."""
+        from stagesweep.evaluate.prefix_sharing import trie_order
+
+        wire: dict[str, str] = {}  # filled as jobs go out, read as their answers arrive
+
+        def jobs() -> Iterator[tuple[str, int, dict]]:
+            for request in trie_order(requests):
+                prompt = wire[request.key] = self._wire_prompt(GenerationRequest(
+                    request.key, request.prompt_ids, request.prompt_text))
+                for i, opening in enumerate(request.openings):
+                    body = {"model": self.model, "prompt": prompt + opening, "max_tokens": 1,
+                            "temperature": 0.0, "echo": True, "logprobs": 1}
+                    yield request.key, i, body
+
+        by_key = {r.key: r for r in requests}
+        got: dict[str, dict[int, float]] = {}
+        for key, i, payload in self._responses(jobs(), "/completions", None):
+            request, prompt = by_key[key], wire[key]
+            got.setdefault(key, {})[i] = self._opening_logprob(
+                payload, len(prompt), len(prompt + request.openings[i]),
+                len(request.continuations[i]))
+            if len(got[key]) == len(request.openings):
+                values = got.pop(key)
+                if progress is not None:
+                    progress(1)
+                yield Score(key, tuple(values[j] for j in range(len(request.openings))))
+
+    def _opening_logprob(self, payload: dict, start: int, end: int, n_tokens: int) -> float:
+        """Sum of the echoed log-probs of the tokens at character offsets [start, end)."""
+        from stagesweep.cli import UserError
+
+        logprobs = (payload.get("choices") or [{}])[0].get("logprobs") or {}
+        values, offsets = logprobs.get("token_logprobs"), logprobs.get("text_offset")
+        if not values or not offsets or len(values) != len(offsets):
+            raise UserError(
+                f"the {self.server} server at {self.base_url} returned no echoed prompt "
+                "log-probs (echo: true, logprobs): echo logprobs are unsupported by this server "
+                "(`transformers serve` ignores both); score outcome: logprob on a vLLM or "
+                "SGLang server, or with --backend hf or vllm")
+        picked = [v for v, offset in zip(values, offsets, strict=True) if start <= offset < end]
+        if not picked or any(v is None for v in picked):
+            raise UserError(f"the {self.server} server at {self.base_url} echoed no log-prob "
+                            "for the opening's tokens; score with --backend hf or vllm")
+        if len(picked) != n_tokens and not self._warned_split:
+            self._warned_split = True
+            log.warning("%s tokenizes an opening into %d tokens where the checkpoint's "
+                        "tokenizer gives %d; scores follow the server's tokens", self.base_url,
+                        len(picked), n_tokens)
+        return float(sum(picked))
 
     def chat(
         self,
@@ -200,13 +267,23 @@ class OpenAIBackend:
         extract: Callable[[dict], tuple[str, str]],
         progress: Callable[[int], None] | None,
     ) -> Iterator[Generation]:
-        def one(key: str, sample: int, body: dict) -> Generation:
-            payload = self._request("POST", path, body)
+        for key, sample, payload in self._responses(jobs, path, progress):
             text, finish = extract(payload)
             # The server's own prompt length: the audit trail that the prompt stayed token-exact.
             usage = payload.get("usage") or {}
             extra = {"prompt_tokens": usage["prompt_tokens"]} if "prompt_tokens" in usage else {}
-            return Generation(key=key, text=text, finish_reason=finish, sample=sample, extra=extra)
+            yield Generation(key=key, text=text, finish_reason=finish, sample=sample, extra=extra)
+
+    def _responses(
+        self,
+        jobs: Iterable[tuple[str, int, dict]],
+        path: str,
+        progress: Callable[[int], None] | None,
+    ) -> Iterator[tuple[str, int, dict]]:
+        """(key, index, response body) of every job, concurrently, as they arrive."""
+
+        def one(key: str, sample: int, body: dict) -> tuple[str, int, dict]:
+            return key, sample, self._request("POST", path, body)
 
         # A bounded window of submitted requests: prompts are built as the server drains them,
         # and a failure leaves little queued work to cancel.

@@ -32,6 +32,8 @@ from stagesweep.evaluate.backends.base import (
     Generation,
     GenerationConfig,
     GenerationRequest,
+    Score,
+    ScoreRequest,
     answer_text,
     batched,
 )
@@ -157,6 +159,34 @@ class VLLMBackend:
                                      else "stop", completion.index)
             if progress:
                 progress(len(chunk) * config.num_samples)
+
+    def score(self, requests: Sequence[ScoreRequest], config: GenerationConfig,
+              progress: Callable[[int], None] | None = None) -> Iterator[Score]:
+        """Teacher-forced log-probabilities of each request's continuations: every prompt +
+        continuation is one engine prompt asking for its prompt log-probs (one new token).
+        vLLM computes prompt log-probs only for tokens it prefills, so such prompts skip its
+        prefix cache: every opening costs a full prefill (the hf backend's trie does not)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from stagesweep.evaluate.prefix_sharing import trie_order
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1,
+                                detokenize=False)
+        for chunk in batched(trie_order(requests), self.chunk_units):
+            prompts = [TokensPrompt(prompt_token_ids=[*r.prompt_ids, *c])
+                       for r in chunk for c in r.continuations]
+            outputs = iter(self.llm.generate(prompts, params, use_tqdm=False))
+            for request in chunk:
+                values = []
+                for continuation in request.continuations:
+                    logprobs = next(outputs).prompt_logprobs
+                    start = len(request.prompt_ids)
+                    values.append(float(sum(logprobs[start + t][token].logprob
+                                            for t, token in enumerate(continuation))))
+                yield Score(request.key, tuple(values))
+            if progress:
+                progress(len(chunk))
 
     def close(self) -> None:
         import gc
