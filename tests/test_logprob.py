@@ -7,6 +7,7 @@ log-probs in the legacy completions format."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -313,6 +314,32 @@ def test_analyze_reports_the_logprob_slope_of_a_judge_free_sweep(judge_free, tmp
     assert "benign_effect_logprob" not in analyze(
         _synthetic(0.5, 0).assign(complied=1).drop(columns="logprob_diff"),
         tmp_path / "judged")["checkpoints"]["sft"]
+
+
+# ---------------------------------------------------------------- vllm
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (make .venv-vllm)")
+def test_vllm_judge_free_sweep_equals_the_hf_one(tmp_path):
+    """The same judge-free sweep through vLLM's prompt log-probs and through the hf trie (the
+    small llama: vLLM's CPU attention needs a head size of at least 32)."""
+    ckpt = str(ensure_tiny_model("llama", size="small"))
+    hf = _spec(tmp_path, "hf", outcome="logprob")
+    run_sweep(hf, [ckpt], tmp_path / "hf", progress=False)
+    engine = {"chunk_units": 8, "enforce_eager": True, "distributed_executor_backend": "uni",
+              "gpu_memory_utilization": 0.1}
+    vllm = _spec(tmp_path, "vllm", outcome="logprob", backend="vllm", backend_options=engine)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "stagesweep", "sweep", str(vllm), "--checkpoint", ckpt,
+                    "--out", str(tmp_path / "vllm"), "--quiet"], env=env, check=True)
+    a = pd.read_parquet(tmp_path / "hf" / "results.parquet")
+    b = pd.read_parquet(tmp_path / "vllm" / "results.parquet")
+    assert (b["status"] == "ok").all() and len(a) == len(b)
+    for column in LOGPROB_COLUMNS:
+        # vLLM's CPU kernels move log-probabilities by ~1e-4
+        np.testing.assert_allclose(b[column].astype(float), a[column].astype(float), atol=2e-3)
 
 
 # ---------------------------------------------------------------- openai
