@@ -297,6 +297,11 @@ def test_analyze_recovers_a_known_logprob_slope_with_covering_intervals(tmp_path
         format_summary(summary)
     written = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert written["checkpoints"]["sft"]["benign_effect_logprob"]["beta"] == effect["beta"]
+    # two stages, judge-free: each gets its slope; the judged stage difference says why not
+    two = pd.concat([_synthetic(slope, 0), _synthetic(-slope, 1).assign(checkpoint="dpo")])
+    both = analyze(two, tmp_path / "two", pairs=[("sft", "dpo")])
+    assert both["checkpoints"]["dpo"]["benign_effect_logprob"]["direction"] == "dilution"
+    assert "judge-free" in both["stage_differences"][0]["skipped"]
     # coverage over repeated simulations is near nominal (clustering by query matters: the
     # query-level slope deviations make iid errors far too narrow)
     covered = [analyze(_synthetic(slope, s, 30), tmp_path / f"s{s}")["checkpoints"]["sft"]

@@ -37,6 +37,8 @@ from stagesweep.evaluate.analysis.stages import (
 from stagesweep.evaluate.templates import templates_summary
 from stagesweep.safeio import atomic_path, write_text
 
+JUDGE_FREE = "judge-free sweep (outcome: logprob): no judged outcome; see benign_effect_logprob"
+
 
 def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str, sesoi_pp: float,
                        h_total_design: str | None) -> tuple[dict, dict]:
@@ -51,8 +53,7 @@ def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str, sesoi_p
     judge_free = "logprob_diff" in raw.columns and raw["complied"].isna().all() and raw[
         "logprob_diff"].notna().any()
     if judge_free:
-        effect["skipped"] = ("judge-free sweep (outcome: logprob): no judged outcome; see "
-                             "benign_effect_logprob")
+        effect["skipped"] = JUDGE_FREE
     count_designs = list(rows.loc[rows["_role"] == "count", "design"].dropna().unique())
     by_design = {
         name: fits.benign_effect(distinct_prompts(rows[rows["design"] == name]), alpha=alpha,
@@ -174,15 +175,18 @@ def analyze(
                 )
         if (a, b) not in wanted:
             wanted.append((a, b))
-    differences = [stage_difference(usable_rows, a, b, alpha=alpha, cluster=mode)
+    judge_free = "logprob_diff" in frame.columns and frame["complied"].isna().all()
+    differences = [{"from": a, "to": b, "delta_beta": None, "ci_low": None, "ci_high": None,
+                    "p_value": None, "skipped": JUDGE_FREE} if judge_free else
+                   stage_difference(usable_rows, a, b, alpha=alpha, cluster=mode)
                    for a, b in wanted]
     raw_counts = count_rows(judge_split(frame)[0])
     adjusted = verdicts.holm([d["p_value"] for d in differences])
     for (a, b), d, p in zip(wanted, differences, adjusted, strict=True):
         d["p_holm"] = p
         d["primary"] = (a, b) == primary
-        d["bounds_excluded"] = exclusions.difference_bounds(raw_counts, a, b, alpha=alpha,
-                                                            cluster=mode)
+        d["bounds_excluded"] = None if judge_free else exclusions.difference_bounds(
+            raw_counts, a, b, alpha=alpha, cluster=mode)
     templates = None if isinstance(results, pd.DataFrame) else templates_summary(
         Path(results), differences)  # chat templates the sweep rendered with (provenance)
     b2 = [{"checkpoint": n, "stage": checkpoints[n]["stage"], "step": checkpoints[n]["step"],

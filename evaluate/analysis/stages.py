@@ -79,7 +79,7 @@ def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluste
     def in_both(frame: pd.DataFrame) -> np.ndarray:
         codes = pd.factorize(frame["_k"])[0]
         is_a = (frame["checkpoint"] == a).to_numpy()
-        seen_a, seen_b = (np.bincount(codes[m], minlength=codes.max() + 1) > 0
+        seen_a, seen_b = (np.bincount(codes[m], minlength=len(codes) and codes.max() + 1) > 0
                           for m in (is_a, ~is_a))
         return seen_a[codes] & seen_b[codes]
 
