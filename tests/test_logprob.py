@@ -302,6 +302,11 @@ def test_analyze_recovers_a_known_logprob_slope_with_covering_intervals(tmp_path
     both = analyze(two, tmp_path / "two", pairs=[("sft", "dpo")])
     assert both["checkpoints"]["dpo"]["benign_effect_logprob"]["direction"] == "dilution"
     assert "judge-free" in both["stage_differences"][0]["skipped"]
+    (delta,) = both["stage_differences_logprob"]
+    sft, dpo = (both["checkpoints"][n]["benign_effect_logprob"]["beta"] for n in ("sft", "dpo"))
+    assert delta["delta_beta"] == pytest.approx(dpo - sft)  # the pooled fit's interaction
+    assert delta["ci_low"] < -2 * slope < delta["ci_high"]
+    assert "sft -> dpo: delta logprob b2 -1." in format_summary(both)
     # coverage over repeated simulations is near nominal (clustering by query matters: the
     # query-level slope deviations make iid errors far too narrow)
     covered = [analyze(_synthetic(slope, s, 30), tmp_path / f"s{s}")["checkpoints"]["sft"]

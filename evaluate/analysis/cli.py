@@ -102,12 +102,14 @@ def format_summary(summary: dict) -> str:
                 + (f"; skipped: {lp['skipped']}" if lp.get("skipped") else ""))
         if (c.get("exclusions") or {}).get("warning"):
             lines.append(f"  {c['exclusions']['warning']}")
-    for d in summary["stage_differences"]:
+    for d, what in [*((d, "b2") for d in summary["stage_differences"]),
+                    *((d, "logprob b2") for d in summary.get("stage_differences_logprob", []))]:
         if d.get("skipped"):
-            lines.append(f"{d['from']} -> {d['to']}: skipped: {d['skipped']}")
+            lines.append(f"{d['from']} -> {d['to']}: "
+                         f"{'' if what == 'b2' else what + ' '}skipped: {d['skipped']}")
         else:
             lines.append(
-                f"{d['from']} -> {d['to']}: delta b2 {_num(d['delta_beta'])} "
+                f"{d['from']} -> {d['to']}: delta {what} {_num(d['delta_beta'])} "
                 f"[{_num(d['ci_low'])}, {_num(d['ci_high'])}] p={_num(d['p_value'], '{:.2g}')}"
             )
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from stagesweep.evaluate.analysis.stages import (
     checkpoint_order,
     consecutive_pairs,
     stage_difference,
+    stage_difference_logprob,
 )
 from stagesweep.evaluate.templates import templates_summary
 from stagesweep.safeio import atomic_path, write_text
@@ -187,6 +188,10 @@ def analyze(
         d["primary"] = (a, b) == primary
         d["bounds_excluded"] = None if judge_free else exclusions.difference_bounds(
             raw_counts, a, b, alpha=alpha, cluster=mode)
+    scored = any("benign_effect_logprob" in c for c in checkpoints.values())
+    lp_rows = logprob_rows(judge_split(frame)[0]) if scored else None
+    differences_logprob = [stage_difference_logprob(lp_rows, a, b, alpha=alpha, cluster=mode)
+                           for a, b in wanted] if scored else []
     templates = None if isinstance(results, pd.DataFrame) else templates_summary(
         Path(results), differences)  # chat templates the sweep rendered with (provenance)
     b2 = [{"checkpoint": n, "stage": checkpoints[n]["stage"], "step": checkpoints[n]["step"],
@@ -201,6 +206,7 @@ def analyze(
     summary = rates.clean({
         "checkpoints": checkpoints,
         "stage_differences": differences,
+        **({"stage_differences_logprob": differences_logprob} if scored else {}),
         "b2_by_checkpoint": b2,
         "trajectory": trajectory,
         "templates": templates,

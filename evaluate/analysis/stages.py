@@ -67,13 +67,9 @@ def consecutive_pairs(frame: pd.DataFrame, order: list[str]) -> list[tuple[str, 
     return pairs
 
 
-def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluster: str) -> dict:
-    """Change in b2 from checkpoint `a` to `b` in one pooled, fully interacted logistic model,
-    restricted to prompts both checkpoints answered and clustered by query (and draw) across
-    both: the shared clusters carry the pairing, so the positive correlation between the two
-    checkpoints' answers to the same prompt tightens the interval for the difference."""
-    base = {"from": a, "to": b, "delta_beta": None, "ci_low": None, "ci_high": None,
-            "p_value": None}
+def paired_rows(rows: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows of checkpoints `a` and `b` keyed by prompt (`_k`), and those of the prompts
+    both checkpoints answered."""
     keyed = rows[rows["checkpoint"].isin([a, b])].assign(_k=lambda f: unit_key(f))
 
     def in_both(frame: pd.DataFrame) -> np.ndarray:
@@ -88,7 +84,54 @@ def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluste
         # unit ids may embed the checkpoint; fall back to the prompt's own coordinates
         keyed = keyed.assign(_k=prompt_key(keyed))
         both = in_both(keyed)
-    paired = keyed[both]
+    return keyed, keyed[both]
+
+
+def stage_difference_logprob(rows: pd.DataFrame, a: str, b: str, *, alpha: float,
+                             cluster: str) -> dict:
+    """Change in the logprob b2 from `a` to `b`: `stage_difference`'s pooled, paired,
+    interacted model made linear (OLS of logprob_diff, clustered across both checkpoints)."""
+    import statsmodels.api as sm
+    from scipy import stats
+
+    base = {"from": a, "to": b, "delta_beta": None, "ci_low": None, "ci_high": None,
+            "p_value": None}
+    keyed, paired = paired_rows(rows, a, b)
+    base["n_paired_units"] = int(paired["_k"].nunique())
+    reason = None if len(paired) else "no prompts with a logprob_diff in common"
+    if not reason and paired["n_benign"].nunique() < 2:
+        reason = "a single N_b value: the benign slope needs at least two"
+    reason = reason or fits.shared_draws_problem(paired, cluster)
+    if reason:
+        return {**base, "skipped": reason}
+    x = fits.design_columns(paired)[["log_nh", "log_nb"]]
+    if paired["n_harmful"].nunique() < 2:
+        x = x[["log_nb"]]
+    d = (paired["checkpoint"] == b).astype(float)
+    exog = sm.add_constant(x.assign(to=d, **{f"to:{c}": x[c] * d for c in x.columns}),
+                           has_constant="add")
+    try:
+        res = sm.OLS(paired["logprob_diff"].to_numpy(float), exog).fit(
+            cov_type="cluster", cov_kwds={"groups": fits.cluster_groups(paired, cluster)},
+            use_t=True)
+    except (ZeroDivisionError, np.linalg.LinAlgError, ValueError) as err:
+        return {**base, "skipped": f"cluster-robust variance cannot be computed ({err})"}
+    params, bse, pvalues = (pd.Series(np.asarray(v), index=exog.columns)
+                            for v in (res.params, res.bse, res.pvalues))
+    delta, se = float(params["to:log_nb"]), float(bse["to:log_nb"])
+    half = float(stats.t.ppf(1 - alpha / 2, res.df_resid_inference)) * se
+    return {**base, "delta_beta": delta, "ci_low": delta - half, "ci_high": delta + half,
+            "p_value": float(pvalues["to:log_nb"]), "se": se}
+
+
+def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluster: str) -> dict:
+    """Change in b2 from checkpoint `a` to `b` in one pooled, fully interacted logistic model,
+    restricted to prompts both checkpoints answered and clustered by query (and draw) across
+    both: the shared clusters carry the pairing, so the positive correlation between the two
+    checkpoints' answers to the same prompt tightens the interval for the difference."""
+    base = {"from": a, "to": b, "delta_beta": None, "ci_low": None, "ci_high": None,
+            "p_value": None}
+    keyed, paired = paired_rows(rows, a, b)
     common = paired["_k"].nunique()
     base["n_paired_units"] = int(common)
 
