@@ -307,6 +307,11 @@ def test_analyze_recovers_a_known_logprob_slope_with_covering_intervals(tmp_path
     assert delta["delta_beta"] == pytest.approx(dpo - sft)  # the pooled fit's interaction
     assert delta["ci_low"] < -2 * slope < delta["ci_high"]
     assert "sft -> dpo: delta logprob b2 -1." in format_summary(both)
+    # contexts shared by every query with one draw: no direction call, as for the judged b2
+    shared = analyze(_synthetic(slope, 0).assign(contexts="shared"), tmp_path / "shared")
+    effect = shared["checkpoints"]["sft"]["benign_effect_logprob"]
+    assert "only 1 draw" in effect["skipped"] and effect["direction"] == "none"
+    assert effect["conditional_on_draws"]["ci_low"] < slope
     # coverage over repeated simulations is near nominal (clustering by query matters: the
     # query-level slope deviations make iid errors far too narrow)
     covered = [analyze(_synthetic(slope, s, 30), tmp_path / f"s{s}")["checkpoints"]["sft"]

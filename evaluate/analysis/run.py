@@ -90,8 +90,9 @@ def analyze_checkpoint(raw: pd.DataFrame, *, alpha: float, cluster: str, sesoi_p
         "baseline": rates.rate_row(zero, alpha) if len(zero) else None,
         "benign_effect": effect,
         "benign_effect_by_design": by_design,
+        # clustering read off every row: a judge-free table has no judged rows to read it from
         **({"benign_effect_logprob": fits.benign_effect_logprob(
-            logprob_rows(raw), alpha=alpha, cluster=mode)}
+            logprob_rows(raw), alpha=alpha, cluster=choose_cluster(raw, cluster))}
            if "logprob_diff" in raw.columns and raw["logprob_diff"].notna().any() else {}),
         "fit_designs": list(counts["design"].dropna().unique()),
         "h_total": h_total,
@@ -190,8 +191,9 @@ def analyze(
             raw_counts, a, b, alpha=alpha, cluster=mode)
     scored = any("benign_effect_logprob" in c for c in checkpoints.values())
     lp_rows = logprob_rows(judge_split(frame)[0]) if scored else None
-    differences_logprob = [stage_difference_logprob(lp_rows, a, b, alpha=alpha, cluster=mode)
-                           for a, b in wanted] if scored else []
+    differences_logprob = [stage_difference_logprob(
+        lp_rows, a, b, alpha=alpha, cluster=choose_cluster(frame, cluster))
+        for a, b in wanted] if scored else []
     templates = None if isinstance(results, pd.DataFrame) else templates_summary(
         Path(results), differences)  # chat templates the sweep rendered with (provenance)
     b2 = [{"checkpoint": n, "stage": checkpoints[n]["stage"], "step": checkpoints[n]["step"],
