@@ -50,7 +50,7 @@ ANSWER_FIELDS = ["response", "reasoning", "judge_raw", "judge", "status", "finis
 
 
 def _label(status: object, complied: object) -> str:
-    if status == "ok":
+    if status == "ok" and not pd.isna(complied):  # a judge-free (logprob) row has no label
         return "c" if complied == 1 else "r"
     return LABEL_CODES.get(str(status), "?")
 
