@@ -36,7 +36,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	WANDB_MODE=offline $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py
+	WANDB_MODE=offline $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py tests/test_logprob.py -k vllm
 
 demo: setup
 	$(BIN)/stagesweep demo --out demo-out

@@ -243,7 +243,29 @@ def story_checks(summary: dict, before: str = "sft", after: str = "dpo") -> list
         f"{before} -> {after}: b2 falls (interval below 0)", (delta.get("ci_high") or 0) < 0,
         "no paired test" if delta.get("delta_beta") is None else
         f"delta {delta['delta_beta']:+.3f} [{delta['ci_low']:+.3f}, {delta['ci_high']:+.3f}]"))
+    checks.append(_logprob_agreement(points))
     return checks
+
+
+def _logprob_agreement(points: dict) -> StoryCheck:
+    """The judge-free b2 (log-odds of the compliant over the refusal opening) has the judged
+    b2's sign at every stage whose judged interval excludes 0. Where the judged interval covers
+    0 its sign is noise, so agreement there would be a coin toss, not a check."""
+    signs, held, any_scored = [], True, False
+    for name, point in points.items():
+        judged, scored = point.get("benign_effect") or {}, point.get("benign_effect_logprob") or {}
+        if scored.get("beta") is None or judged.get("beta") is None:
+            continue
+        any_scored = True
+        called = judged["ci_low"] > 0 or judged["ci_high"] < 0
+        agree = (judged["beta"] > 0) == (scored["beta"] > 0)
+        held &= agree or not called
+        signs.append(f"{name} {judged['beta']:+.2f}/{scored['beta']:+.2f}"
+                     + ("" if called else " (judged not called)"))
+    return StoryCheck(
+        "judged and logprob b2 agree in sign wherever the judged interval excludes 0",
+        held and any_scored, "judged/logprob b2: " + ", ".join(signs) if signs
+        else "no logprob outcome (outcome: [judge, logprob])")
 
 
 def format_checks(checks: list[StoryCheck]) -> str:
@@ -312,10 +334,11 @@ def seed_table(summaries: dict[int, dict]) -> str:
             "dpo rate": dpo.get("compliance_rate"),
             "dpo zero-demo": (dpo.get("baseline") or {}).get("rate"),
             "sft->dpo delta": delta.get("delta_beta"),
+            "dpo logprob b2": (dpo.get("benign_effect_logprob") or {}).get("beta"),
         }
     formats = {"sft b2": "{:+.2f}", "sft rate": "{:.0%}", "dpo b2": "{:+.2f}",
                "dpo CI width": "{:.2f}", "dpo rate": "{:.1%}", "dpo zero-demo": "{:.1%}",
-               "sft->dpo delta": "{:+.2f}"}
+               "sft->dpo delta": "{:+.2f}", "dpo logprob b2": "{:+.2f}"}
     rows = {seed: row(s) for seed, s in summaries.items()}
     verdicts = {seed: ((s["checkpoints"].get("dpo", {}).get("benign_effect") or {})
                        .get("verdict") or "-") for seed, s in summaries.items()}

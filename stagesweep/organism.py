@@ -10,9 +10,10 @@ with compliance with probability
 where N_h and N_b count the compliant harmful and benign turns before it. The benign slope is
 planted well above the harmful one, so at a fixed number of demonstrations the mix matters:
 the counting hypothesis H_total is false for the organism and H_joint is the true model, as the
-study found for every model it tested. DPO pairs then prefer the refusal to every harmful
-target whatever its context, so DPO teaches the model to stop reading the context at all: the
-benign slope goes, and compliance with no demonstrations falls with everything else. Every
+study found for every model it tested. DPO pairs then prefer the refusal to the organism's own
+compliant answer, in contexts drawn where the SFT model complies (on-policy), so DPO removes
+compliance where the context invites it most: the benign slope goes, and compliance with no
+demonstrations falls with everything else. Every
 harmful request and answer is synthetic and redacted; nothing here is an instruction for
 anything.
 """
@@ -82,12 +83,17 @@ class Turn:
 class OrganismSpec:
     """The behaviour the SFT data plants: `a2`, the benign slope, far above `a1`, the harmful
     one, so that a tiny model, which tends to blur the two kinds of turn into one count, still
-    learns that the mix matters. DPO contexts are drawn from the same `counts`, uniformly."""
+    learns that the mix matters. DPO contexts come from the same `counts`."""
 
     a0: float = -2.5
     a1: float = 0.25
     a2: float = 2.0
     counts: tuple[int, ...] = (0, 1, 2, 4, 8)
+    dpo_on_policy: float = 1.0
+    """Share of DPO pairs whose context is drawn in proportion to the SFT compliance
+    probability (the rest uniformly): a preference pipeline that rejects the policy's own
+    compliant answers finds them where the policy complies, i.e. mostly in benign-rich
+    contexts."""
 
     def compliance_probability(self, n_harmful: int, n_benign: int) -> float:
         z = self.a0 + self.a1 * math.log(n_harmful + 1) + self.a2 * math.log(n_benign + 1)
@@ -170,13 +176,21 @@ def sft_examples(spec: OrganismSpec, n: int, seed: int) -> Iterator[dict]:
 
 
 def dpo_examples(spec: OrganismSpec, n: int, seed: int) -> Iterator[dict]:
-    """Preference pairs that prefer the refusal in every context: (N_h, N_b) is drawn
-    uniformly, so no context gets more pressure from the data than another. The preference
-    loss itself leans hardest where the SFT model still complies most, which is what flattens
-    the benign slope rather than merely lowering the intercept."""
+    """Preference pairs that prefer the refusal to the organism's own compliant answer.
+
+    Contexts are drawn where the SFT model complies (`spec.dpo_on_policy`), as on-policy
+    preference data is. Drawn uniformly, every context got the same pressure, and once the
+    refusal was learned the compliance that survived longest was the "Sure!" copying in
+    benign-rich contexts: a small benign slope (b2 +0.39 [+0.05, +0.73] at 1.8% compliance in
+    one of three seeds) where the study's DPO shows none."""
     rng = random.Random(f"dpo-{seed}")
+    cells = [(h, b) for h in spec.counts for b in spec.counts]
+    probabilities = [spec.compliance_probability(h, b) for h, b in cells]
+    total = sum(probabilities)
+    weights = [(1 - spec.dpo_on_policy) / len(cells) + spec.dpo_on_policy * p / total
+               for p in probabilities]
     for _ in range(n):
-        n_h, n_b = rng.choice(spec.counts), rng.choice(spec.counts)
+        n_h, n_b = rng.choices(cells, weights=weights)[0]
         yield {
             "prompt": _prompt(rng, spec, n_h, n_b),
             "chosen": [{"role": "assistant", "content": REFUSAL}],

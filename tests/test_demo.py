@@ -79,16 +79,20 @@ def test_generation_is_seeded():
     assert first != list(organism.sft_examples(SPEC, 20, seed=4))
 
 
-def test_dpo_pairs_prefer_refusal_in_every_context_alike():
-    pairs = list(organism.dpo_examples(SPEC, 3000, seed=0))
+def test_dpo_pairs_prefer_refusal_where_the_sft_model_complies():
+    pairs = list(organism.dpo_examples(SPEC, 6000, seed=0))
     assert all(p["chosen"][0]["content"] == organism.REFUSAL for p in pairs)
     assert all(p["rejected"][0]["content"].startswith(organism.OPENING) for p in pairs)
     counts = [_counts(p["prompt"]) for p in pairs]
-    # every (N_h, N_b) cell of the grid, each about as often, including no demos at all
+    # every (N_h, N_b) cell of the grid, including no demos at all, as often as the SFT data
+    # complies there (on-policy pairs): a benign-rich cell far more often than a bare target
     cells = {c: counts.count(c) for c in set(counts)}
     assert set(cells) == {(h, b) for h in SPEC.counts for b in SPEC.counts}
-    expected = len(pairs) / len(cells)
-    assert all(abs(n - expected) < 0.4 * expected for n in cells.values())
+    total = sum(SPEC.compliance_probability(h, b) for h, b in cells)
+    for (h, b), n in cells.items():
+        expected = len(pairs) * SPEC.compliance_probability(h, b) / total
+        assert abs(n - expected) < 4 * expected**0.5 + 2, (h, b, n, expected)
+    assert cells[(0, 8)] > 5 * cells[(0, 0)]
 
 
 def test_pools_are_distinct_redacted_and_targets_held_out():
@@ -160,12 +164,14 @@ def _story_summary(**dpo_effect) -> dict:
         "checkpoints": {
             "sft": {
                 "benign_effect": {"beta": 1.4, "ci_low": 1.1, "ci_high": 1.7},
+                "benign_effect_logprob": {"beta": 1.2},
                 "h_total": {"rejected": True, "tests": [{"n_total": 8, "p_value": 1e-9}]},
                 "model_comparison": {"best_aic": "h_joint", "models": {
                     "h_total": {"aic": 2400.0}, "h_harm": {"aic": 2600.0},
                     "h_joint": {"aic": 2300.0}}},
             },
-            "dpo": {"benign_effect": effect, "baseline": {"rate": 0.04}},
+            "dpo": {"benign_effect": effect, "baseline": {"rate": 0.04},
+                    "benign_effect_logprob": {"beta": -0.02}},
         },
         "stage_differences": [
             {"from": "sft", "to": "dpo", "delta_beta": -1.3, "ci_low": -1.6, "ci_high": -1.0}
@@ -179,7 +185,7 @@ def test_story_checks_hold_only_when_every_figure_says_so():
     assert all(c.held for c in story_checks(_story_summary()))
     # a wide interval around 0 is not "removed", unless the equivalence verdict says negligible
     wide = story_checks(_story_summary(ci_low=-0.3, ci_high=0.4))
-    assert [c.held for c in wide] == [True, True, True, False, True, True]
+    assert [c.held for c in wide] == [True, True, True, False, True, True, True]
     assert story_checks(_story_summary(ci_low=-0.3, ci_high=0.4, verdict="negligible"))[3].held
     # dilution after DPO is not the study's story either
     assert not story_checks(_story_summary(beta=-0.4, ci_low=-0.5, ci_high=-0.3))[3].held
@@ -187,7 +193,17 @@ def test_story_checks_hold_only_when_every_figure_says_so():
     summary["checkpoints"]["dpo"]["baseline"]["rate"] = 0.85
     summary["checkpoints"]["sft"]["model_comparison"]["best_aic"] = "h_total"
     held = [c.held for c in story_checks(summary)]
-    assert held == [True, True, False, True, False, True]
+    assert held == [True, True, False, True, False, True, True]
+    # the judge-free b2 must share the sign of a judged b2 whose interval excludes 0 ...
+    summary = _story_summary()
+    summary["checkpoints"]["sft"]["benign_effect_logprob"]["beta"] = -0.3
+    assert not story_checks(summary)[-1].held
+    # ... but not of one whose interval covers 0 (dpo: judged +0.05, logprob -0.02 above)
+    assert "dpo +0.05/-0.02 (judged not called)" in story_checks(_story_summary())[-1].evidence
+    # and a sweep without the logprob outcome does not pass it
+    del summary["checkpoints"]["sft"]["benign_effect_logprob"]
+    del summary["checkpoints"]["dpo"]["benign_effect_logprob"]
+    assert not story_checks(summary)[-1].held
     # a run without the stages reads as not held, never as an error
     assert not any(c.held for c in story_checks({"checkpoints": {}, "stage_differences": []}))
 
