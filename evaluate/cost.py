@@ -166,7 +166,9 @@ def design_cost(name: str, spec: SweepSpec, pools: dict[str, DemoPool], tokens: 
     """Tokens, FLOPs and GPU-hours of one design: plain (every prompt prefilled from scratch)
     and prefix-shared (every node of the demo trie prefilled once, each answer decoded)."""
     units = build_plan(spec, pools)
-    new = spec.generation.max_new_tokens * spec.generation.num_samples
+    # a judge-free sweep (outcome: logprob) decodes nothing; scoring its few opening tokens
+    # on each prompt's cache is left out, like the judge's own cost
+    new = spec.generation.max_new_tokens * spec.generation.num_samples if spec.generates else 0
     lengths, seg_start, seg_end = [], [], []  # prompts that fit; trie segments prefilled
     overflow, context, ids = 0, None, 0
     nodes: dict[tuple, tuple[int, int]] = {}  # (parent id, demo, opening) -> (id, end position)

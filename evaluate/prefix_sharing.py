@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 # Tokens per prefill forward pass (rows x columns); long segments are run in chunks of this.
 DEFAULT_CHUNK_TOKENS = 2048
+# Padding a batch of sibling prefills may add, as a share of their real tokens. Siblings of
+# unlike length are prefilled in separate forwards instead: on the study's per-query draws the
+# siblings' lengths differ by whole demos, and padding them together prefilled 1.17 x the trie.
+MAX_PADDING_SHARE = 0.01
 
 
 def trie_order(requests: Sequence[GenerationRequest]) -> list[GenerationRequest]:
@@ -340,12 +344,20 @@ class _Runner:
         return self.torch.multinomial(probs, 1, generator=self.generator)[:, 0]
 
     def group_size(self, context: int, widths: list[int]) -> int:
-        """How many sibling rows fit in one prefill next to the caches already alive."""
-        if self.budget is None:
-            return self.rows
-        per_row = (context + max(widths)) * self.bytes_per_token
-        fit = (self.budget - self.held - self._pending_bytes()) // per_row
-        return max(1, min(self.rows, int(fit)))
+        """How many of the next sibling rows (`widths` ascending) to prefill together: as many
+        as fit next to the caches already alive, and no more than pad by MAX_PADDING_SHARE."""
+        fit = self.rows
+        if self.budget is not None:
+            per_row = (context + max(widths)) * self.bytes_per_token
+            fit = max(1, min(fit, int((self.budget - self.held - self._pending_bytes())
+                                      // per_row)))
+        n, real = 1, widths[0]
+        while n < min(fit, len(widths)):
+            real += widths[n]
+            if (n + 1) * widths[n] - real > MAX_PADDING_SHARE * real:
+                break
+            n += 1
+        return n
 
     def over_budget(self, extra: int) -> bool:
         return self.budget is not None and (

@@ -96,3 +96,26 @@ def test_plan_command_prints_every_design(tmp_path, capsys):
         args = build_parser().parse_args(["plan", str(tiny), "--checkpoint", str(ckpt),
                                           "--utilization", "2"])
         args.func(args)
+
+
+def test_a_judge_free_spec_decodes_nothing(tmp_path, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    tiny = Path(__file__).resolve().parent.parent / "recipes" / "sweeps" / "tiny.yaml"
+    raw = yaml.safe_load(tiny.read_text())
+    for pool in raw["pools"].values():
+        pool["path"] = str((tiny.parent / pool["path"]).resolve())
+    ckpt = ensure_tiny_model("olmo3")
+    reports = {}
+    for outcome in ("judge", "logprob"):
+        spec = tmp_path / f"{outcome}.yaml"
+        spec.write_text(yaml.safe_dump({**raw, "outcome": outcome}))
+        assert main(["plan", str(spec), "--checkpoint", str(ckpt), "--sims", "0",
+                     "--json"]) == 0
+        reports[outcome] = json.loads(capsys.readouterr().out)[str(ckpt)][0]
+    judged, scored = reports["judge"], reports["logprob"]
+    assert judged["decode_tokens"] > 0 and scored["decode_tokens"] == 0
+    assert scored["trie_tokens"] == judged["trie_tokens"]
+    assert scored["gpu_hours_shared"] < judged["gpu_hours_shared"]
