@@ -163,6 +163,19 @@ def sweep_spec(out: Path, size: DemoSize, seed: int) -> Any:
     return parse_spec(raw, source=target.resolve())
 
 
+def run_record(seed: int, size: DemoSize) -> dict:
+    """What the reused stages of a run depend on: seed, size, the organism and the recipes'
+    text (a digest), so a run with another DPO recipe or organism never reuses old stages."""
+    import hashlib
+
+    from stagesweep.organism import OrganismSpec
+
+    recipes = hashlib.sha256(b"".join(
+        (RECIPES / f"{stage}.yaml").read_bytes() for stage in STAGES)).hexdigest()[:16]
+    return {"seed": seed, "size": dataclasses.asdict(size),
+            "organism": dataclasses.asdict(OrganismSpec()), "recipes": recipes}
+
+
 def _check_run_record(out: Path, record: dict) -> None:
     """Refuse to mix stages trained with other settings into this run's lineage."""
     from stagesweep.cli import UserError
@@ -283,7 +296,7 @@ def run_demo(out: Path, *, seed: int = 0, quick: bool = False, progress: bool = 
     # Absolute, so the lineage manifests name parents that resolve from any directory.
     out = Path(out).resolve()
     size = SIZES["quick" if quick else "full"]
-    _check_run_record(out, {"seed": seed, "size": dataclasses.asdict(size)})
+    _check_run_record(out, run_record(seed, size))
     started = time.monotonic()
 
     def say(message: str) -> None:
