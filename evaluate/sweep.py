@@ -683,9 +683,10 @@ def _sweep(spec: SweepSpec, checkpoints: list[str], out: Path, *,
         outcome = [f"compliance {ok['complied'].mean():.1%}"] if spec.generates else []
         if spec.scores_logprob:
             outcome.append(f"mean logprob_diff {ok['logprob_diff'].astype(float).mean():+.3f}")
+        scored = f"scored {counts['scored']}, " if spec.scores_logprob else ""
         print(f"sweep: {len(refs)} checkpoint(s), {len(units)} units each, {len(df)} rows "
               f"({', '.join(f'{k} {v}' for k, v in sorted(status.items()))}); generated "
-              f"{counts['generated']}, scored {counts['scored']}, resumed {counts['skipped']}; "
+              f"{counts['generated']}, {scored}resumed {counts['skipped']}; "
               f"{', '.join(outcome)} in {time.monotonic() - started:.0f}s -> {results}")
     rows = sum(len(u.labels) for u in units)
     samples = spec.generation.num_samples if spec.generates else 1
