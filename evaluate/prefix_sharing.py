@@ -475,12 +475,7 @@ def score_shared(
     `config.batch_size` is the most prompts scored together."""
     import torch
 
-    run_stats = new_stats()
-    run_stats["prompt_tokens"] = sum(len(r.prompt_ids) for r in requests)
-    run_stats["trie_tokens"] = trie_tokens([r.prompt_ids for r in requests])
-    if stats is not None:
-        stats.update(run_stats)
-        run_stats = stats
+    run_stats = _run_stats(requests, stats)
     if any(not r.prompt_ids or not r.continuations or not all(r.continuations)
            for r in requests):
         raise ValueError("every score request needs a non-empty prompt and continuations")
@@ -547,6 +542,18 @@ def new_stats() -> dict:
             "peak_kv_bytes": 0, "forward_calls": 0, "decode_steps": 0}
 
 
+def _run_stats(requests: Sequence[Any], stats: dict | None) -> dict:
+    """Fresh counters with the requests' prompt and trie tokens, kept in the caller's `stats`
+    dict when one is given (the bench reads it after the run)."""
+    run_stats = new_stats()
+    run_stats["prompt_tokens"] = sum(len(r.prompt_ids) for r in requests)
+    run_stats["trie_tokens"] = trie_tokens([r.prompt_ids for r in requests])
+    if stats is None:
+        return run_stats
+    stats.update(run_stats)
+    return stats
+
+
 def generate_shared(
     model: Any,
     requests: Sequence[GenerationRequest],
@@ -570,12 +577,7 @@ def generate_shared(
     """
     import torch
 
-    run_stats = new_stats()
-    run_stats["prompt_tokens"] = sum(len(r.prompt_ids) for r in requests)
-    run_stats["trie_tokens"] = trie_tokens([r.prompt_ids for r in requests])
-    if stats is not None:
-        stats.update(run_stats)
-        run_stats = stats
+    run_stats = _run_stats(requests, stats)
     if any(not r.prompt_ids for r in requests):
         raise ValueError("every request needs a non-empty prompt_ids")
     reason = unsupported_reason(model)

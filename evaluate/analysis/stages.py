@@ -104,12 +104,7 @@ def stage_difference_logprob(rows: pd.DataFrame, a: str, b: str, *, alpha: float
     reason = reason or fits.shared_draws_problem(paired, cluster)
     if reason:
         return {**base, "skipped": reason}
-    x = fits.design_columns(paired)[["log_nh", "log_nb"]]
-    if paired["n_harmful"].nunique() < 2:
-        x = x[["log_nb"]]
-    d = (paired["checkpoint"] == b).astype(float)
-    exog = sm.add_constant(x.assign(to=d, **{f"to:{c}": x[c] * d for c in x.columns}),
-                           has_constant="add")
+    exog = sm.add_constant(interacted_design(paired, b), has_constant="add")
     try:
         res = sm.OLS(paired["logprob_diff"].to_numpy(float), exog).fit(
             cov_type="cluster", cov_kwds={"groups": fits.cluster_groups(paired, cluster)},
@@ -122,6 +117,16 @@ def stage_difference_logprob(rows: pd.DataFrame, a: str, b: str, *, alpha: float
     half = float(stats.t.ppf(1 - alpha / 2, res.df_resid_inference)) * se
     return {**base, "delta_beta": delta, "ci_low": delta - half, "ci_high": delta + half,
             "p_value": float(pvalues["to:log_nb"]), "se": se}
+
+
+def interacted_design(paired: pd.DataFrame, b: str) -> pd.DataFrame:
+    """The pooled stage model's columns: log counts (N_h only when it varies), an indicator of
+    checkpoint `b` and its interactions, whose `to:log_nb` coefficient is the change in b2."""
+    x = fits.design_columns(paired)[["log_nh", "log_nb"]]
+    if paired["n_harmful"].nunique() < 2:
+        x = x[["log_nb"]]
+    d = (paired["checkpoint"] == b).astype(float)
+    return x.assign(to=d, **{f"to:{c}": x[c] * d for c in x.columns})
 
 
 def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluster: str) -> dict:
@@ -148,11 +153,7 @@ def stage_difference(rows: pd.DataFrame, a: str, b: str, *, alpha: float, cluste
     reason = reason or fits.shared_draws_problem(paired, cluster)
     if reason:
         return {**base, "skipped": reason}
-    x = fits.design_columns(paired)[["log_nh", "log_nb"]]
-    if paired["n_harmful"].nunique() < 2:
-        x = x[["log_nb"]]
-    d = (paired["checkpoint"] == b).astype(float)
-    exog = x.assign(to=d, **{f"to:{c}": x[c] * d for c in x.columns})
+    exog = interacted_design(paired, b)
     try:
         fit = fits.fit_logit(paired["complied"], exog,
                               fits.cluster_groups(paired, cluster), alpha=alpha)
