@@ -38,8 +38,11 @@ $(VLLM_STAMP): pyproject.toml
 test-vllm: $(VLLM_STAMP)
 	WANDB_MODE=offline $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py tests/test_logprob.py -k vllm
 
+# One torch thread unless OMP_NUM_THREADS says otherwise: the demo's 2-layer model runs faster
+# on one thread than on two (seed 1: 577 s on one thread beside a CI run; 31 min on two threads
+# beside another demo), and its figures were the same either way.
 demo: setup
-	$(BIN)/stagesweep demo --out demo-out
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/stagesweep demo --out demo-out
 
 lint: setup
 	$(BIN)/ruff check .
