@@ -1,4 +1,5 @@
-"""Start and stop a real `transformers serve` on loopback for the HTTP backend's tests.
+"""Start and stop a real `transformers serve` on loopback for the HTTP backend's tests, and
+the small scripted loopback servers some tests answer with instead.
 
 A plain module rather than a fixture so any test file can use it as a context manager. The
 server runs in its own process group on a free port and is always stopped on exit.
@@ -7,14 +8,17 @@ server runs in its own process group on a free port and is always stopped on exi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -78,3 +82,34 @@ def transformers_serve(model_dir: Path, *, ready_timeout: float = 90.0) -> Itera
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A request handler that answers JSON and keeps pytest's output clean."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def read_json(self) -> dict:
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
+
+class LoopbackServer:
+    """A real HTTP server on a free loopback port, serving `handler` in a thread until close."""
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -15,15 +15,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from serve_util import serving_extras_missing, transformers_serve
+from serve_util import JSONHandler, LoopbackServer, serving_extras_missing, transformers_serve
 from sweep_util import wait_for_rows
 
 from stagesweep.cli import UserError
@@ -382,7 +380,7 @@ def test_transformers_serve_cannot_echo_logprobs_one_line_error(olmo_path):
     assert url in str(err.value) and "\n" not in str(err.value)
 
 
-class EchoServer:
+class EchoServer(LoopbackServer):
     """A loopback server answering /v1/completions the way vLLM does with `echo: true` and
     `logprobs`: the prompt's tokens, their log-probs (None for the first) and character
     offsets, then one greedy token, all computed by a real tiny model."""
@@ -393,30 +391,19 @@ class EchoServer:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
-                self._send({"data": [{"id": "tiny", "owned_by": "vllm"}]})
+                self.send_json(200, {"data": [{"id": "tiny", "owned_by": "vllm"}]})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.read_json()
                 enc = tok(body["prompt"], return_offsets_mapping=True)
                 ids = enc.input_ids
                 with torch.inference_mode():
                     logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
                 values = [None] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
                 nxt = int(logp[-1].argmax())
-                self._send({"choices": [{
+                self.send_json(200, {"choices": [{
                     "text": body["prompt"] + tok.decode([nxt]), "finish_reason": "length",
                     "logprobs": {
                         "tokens": tok.convert_ids_to_tokens([*ids, nxt]),
@@ -425,13 +412,7 @@ class EchoServer:
                         + [len(body["prompt"])]}}],
                     "usage": {"prompt_tokens": len(ids)}})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 def test_openai_echo_logprobs_equal_the_in_process_scores(olmo_path, one_thread):

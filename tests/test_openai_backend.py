@@ -3,13 +3,17 @@ answers, and against a scripted loopback HTTP server for retries, errors and con
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from serve_util import free_port, serving_extras_missing, transformers_serve
+from serve_util import (
+    JSONHandler,
+    LoopbackServer,
+    free_port,
+    serving_extras_missing,
+    transformers_serve,
+)
 
 from stagesweep.cli import UserError
 from stagesweep.evaluate.backends.base import GenerationConfig, GenerationRequest, get_backend_class
@@ -19,7 +23,7 @@ from stagesweep.evaluate.judges.base import UNPARSED, JudgeItem
 from stagesweep.tiny_model import ensure_tiny_model
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """A real HTTP server on loopback whose completions endpoint answers with a scripted
     sequence of status codes (then 200), recording every request it receives."""
 
@@ -31,23 +35,12 @@ class ScriptedServer:
         lock = threading.Lock()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def _send(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
-                self._send(200, {"data": [{"id": "served-model", "owned_by": owned_by}]})
+                self.send_json(200, {"data": [{"id": "served-model", "owned_by": owned_by}]})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.read_json()
                 with lock:
                     server.bodies.append(body)
                     server.headers.append(dict(self.headers))
@@ -58,18 +51,12 @@ class ScriptedServer:
                 with lock:
                     server.in_flight -= 1
                 if status != 200:
-                    self._send(status, {"detail": f"scripted {status}"})
+                    self.send_json(status, {"detail": f"scripted {status}"})
                     return
                 text = "echo:" + body["prompt"][-8:]
-                self._send(200, {"choices": [{"text": text, "finish_reason": "length"}]})
+                self.send_json(200, {"choices": [{"text": text, "finish_reason": "length"}]})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 @pytest.fixture
