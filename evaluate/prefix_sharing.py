@@ -186,7 +186,9 @@ class _Runner:
 
     def __init__(self, model: Any, config: GenerationConfig, pad_token_id: int,
                  max_kv_gb: float | None, chunk_tokens: int,
-                 decode: Callable[[list[int]], str] | None, stats: dict) -> None:
+                 decode: Callable[[list[int]], str] | None, stats: dict, *,
+                 continuations: dict[str, tuple[tuple[int, ...], ...]] | None = None,
+                 generates: bool = True) -> None:
         import torch
 
         self.torch = torch
@@ -208,6 +210,9 @@ class _Runner:
         self.layer_class = _decode_layer_class()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.warpers = _sampling_warpers(config)
+        # request key -> token ids to score after its prompt; `generates` False scores only
+        self.continuations = continuations or {}
+        self.generates = generates
 
     def _pending_bytes(self) -> int:
         return sum(leaf.length for leaf in self.pending) * self.bytes_per_token
@@ -270,9 +275,28 @@ class _Runner:
             batch, self.pending = self.pending[: self.rows], self.pending[self.rows :]
             yield from self.finish_rows(batch)
 
-    def finish_rows(self, leaves: list[_Leaf]) -> Iterator[Any]:
-        """What happens to prefilled prompts: decoding here, scoring in `_ScoreRunner`."""
-        return self.decode_rows(leaves)
+    def finish_rows(self, leaves: list[_Leaf]) -> Iterator[Generation | Score]:
+        """Prefilled prompts are scored (their requests' continuations, on the cache just
+        built), then decoded, each Generation carrying its request's scores."""
+        scores = self.score_leaves(leaves) if self.continuations else {}
+        if not self.generates:
+            return (Score(key, scores[key]) for leaf in leaves for key in leaf.keys)
+        return self.decode_rows(leaves, scores)
+
+    def score_leaves(self, leaves: list[_Leaf]) -> dict[str, tuple[float, ...]]:
+        """Each scored key's continuation log-probabilities; a continuation shared by the keys
+        of one prompt is run once."""
+        rows: list[tuple[_Leaf, tuple[int, ...]]] = []
+        for leaf in leaves:
+            wanted = dict.fromkeys(c for key in leaf.keys for c in self.continuations.get(key, ()))
+            rows += [(leaf, c) for c in wanted]
+        totals = []
+        # at most `rows` cache rows at a time, as many as a decoding batch holds
+        for start in range(0, len(rows), self.rows):
+            totals += self.score_group(rows[start : start + self.rows]).tolist()
+        values = {(id(leaf), c): v for (leaf, c), v in zip(rows, totals, strict=True)}
+        return {key: tuple(values[(id(leaf), c)] for c in self.continuations[key])
+                for leaf in leaves for key in leaf.keys if key in self.continuations}
 
     def packed_cache(self, rows: list[_Leaf], extra: int) -> tuple[Any, torch.Tensor, int]:
         """The rows' caches re-packed left-padded with room for `extra` new tokens, as
@@ -298,7 +322,8 @@ class _Runner:
                 >= (width - lengths)[:, None]).long()
         return Cache(layers=layers), mask, width
 
-    def decode_rows(self, leaves: list[_Leaf]) -> Iterator[Generation]:
+    def decode_rows(self, leaves: list[_Leaf], scores: dict[str, tuple[float, ...]]
+                    ) -> Iterator[Generation]:
         """Greedy (or sampled) decoding of prefilled prompts, in one batch."""
         torch, config = self.torch, self.config
         samples = config.num_samples if config.temperature > 0 else 1
@@ -334,7 +359,8 @@ class _Runner:
             numbers = range(config.num_samples) if samples == 1 else [r % samples]
             for key in leaf.keys:
                 for sample in numbers:
-                    yield Generation(key, text, tuple(ids), reason, sample=sample)
+                    yield Generation(key, text, tuple(ids), reason, sample=sample,
+                                     logprobs=scores.get(key))
 
     def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
         if self.warpers is None:
@@ -401,30 +427,6 @@ class _Runner:
         if kv is not None:
             self.held -= kv.nbytes
 
-
-class _ScoreRunner(_Runner):
-    """`_Runner` whose prefilled prompts are scored instead of decoded: the log-probability of
-    each request's continuations, teacher-forced after the prompt's shared cache."""
-
-    def __init__(self, *args: Any, continuations: dict[str, tuple[tuple[int, ...], ...]],
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.continuations = continuations
-
-    def finish_rows(self, leaves: list[_Leaf]) -> Iterator[Score]:
-        rows: list[tuple[_Leaf, tuple[int, ...]]] = []
-        for leaf in leaves:
-            wanted = dict.fromkeys(c for key in leaf.keys for c in self.continuations[key])
-            rows += [(leaf, c) for c in wanted]
-        totals = []
-        # at most `rows` cache rows at a time, as many as a decoding batch holds
-        for start in range(0, len(rows), self.rows):
-            totals += self.score_group(rows[start : start + self.rows]).tolist()
-        values = {(id(leaf), c): v for (leaf, c), v in zip(rows, totals, strict=True)}
-        for leaf in leaves:
-            for key in leaf.keys:
-                yield Score(key, tuple(values[(id(leaf), c)] for c in self.continuations[key]))
-
     def score_group(self, rows: list[tuple[_Leaf, tuple[int, ...]]]) -> torch.Tensor:
         """Summed log-probability of each (prefilled prompt, continuation) row."""
         torch = self.torch
@@ -476,18 +478,23 @@ def score_shared(
     import torch
 
     run_stats = _run_stats(requests, stats)
-    if any(not r.prompt_ids or not r.continuations or not all(r.continuations)
-           for r in requests):
+    if any(not r.prompt_ids or not r.continuations for r in requests):
         raise ValueError("every score request needs a non-empty prompt and continuations")
+    _check_continuations(requests)
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"prefix sharing cannot run this model exactly: {reason}")
-    runner = _ScoreRunner(model, config, pad_token_id, max_kv_gb, chunk_tokens, None, run_stats,
-                          continuations={r.key: r.continuations for r in requests})
+    runner = _Runner(model, config, pad_token_id, max_kv_gb, chunk_tokens, None, run_stats,
+                     continuations={r.key: r.continuations for r in requests}, generates=False)
     prompts = [GenerationRequest(r.key, r.prompt_ids, "") for r in requests]
     with torch.inference_mode():
         yield from runner.visit(build_trie(prompts), [None, None])
         yield from runner.flush(everything=True)
+
+
+def _check_continuations(requests: Sequence[GenerationRequest | ScoreRequest]) -> None:
+    if any(not c for r in requests for c in r.continuations):
+        raise ValueError("a continuation to score is empty")
 
 
 # Attention kinds whose masks depend only on token distances, which the re-packing keeps;
@@ -573,18 +580,21 @@ def generate_shared(
     `max_kv_gb` bounds the key/value caches alive at once (a single prompt larger than the
     budget still runs, one row at a time); `config.batch_size` is the most rows per forward
     pass. `stats`, if given, is filled with token counts (prompt, trie, prefilled, padding),
-    forward passes and the peak cache bytes.
+    forward passes and the peak cache bytes. A request's `continuations` are scored on its
+    prompt's cache before it is decoded (`Generation.logprobs`): no second trie walk.
     """
     import torch
 
     run_stats = _run_stats(requests, stats)
     if any(not r.prompt_ids for r in requests):
         raise ValueError("every request needs a non-empty prompt_ids")
+    _check_continuations(requests)
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"prefix sharing cannot run this model exactly: {reason}; generate "
                          "without it (--no-prefix-sharing)")
-    runner = _Runner(model, config, pad_token_id, max_kv_gb, chunk_tokens, decode, run_stats)
+    runner = _Runner(model, config, pad_token_id, max_kv_gb, chunk_tokens, decode, run_stats,
+                     continuations={r.key: r.continuations for r in requests if r.continuations})
     with torch.inference_mode():
         yield from runner.visit(build_trie(requests), [None, None])
         yield from runner.flush(everything=True)

@@ -291,7 +291,9 @@ def _generate_checkpoint(cs: CheckpointSetup, spec: SweepSpec, units: list[WorkU
             if backend is None:
                 backend = _open_backend(cs, opts, get_backend_class)
             if work.requests:
-                counts["generated"] += _generate_chunk(cs, backend, work, store, bar)
+                _score_while_generating(backend, cs.config, work)
+                counts["scored"] += sum(bool(r.continuations) for r in work.requests)
+                counts["generated"] += _generate_chunk(cs, spec, backend, work, store, bar)
             if work.scoring:
                 counts["scored"] += _score_chunk(cs, spec, backend, work, store,
                                                  None if spec.generates else bar)
@@ -362,9 +364,22 @@ def _chunk_work(cs: CheckpointSetup, spec: SweepSpec, chunk: list[WorkUnit],
     return work
 
 
-def _generate_chunk(cs: CheckpointSetup, backend: Any, work: _ChunkWork, store: ResultStore,
-                    bar: Any) -> int:
-    """Generate the chunk's answers, stored in batches as they come; returns the count."""
+def _score_while_generating(backend: Any, config: Any, work: _ChunkWork) -> None:
+    """Move the scoring of units about to be generated onto their generation requests when
+    the backend scores on the prefill it decodes from (hf prefix sharing): the openings then
+    cost a few tokens per prompt instead of a second walk of the prompts."""
+    if not (work.scoring and backend.scores_while_generating(config)):
+        return
+    scoring = {s.key: s for s in work.scoring}
+    work.requests = [dataclasses.replace(r, continuations=scoring.pop(r.key).continuations)
+                     if r.key in scoring else r for r in work.requests]
+    work.scoring = list(scoring.values())
+
+
+def _generate_chunk(cs: CheckpointSetup, spec: SweepSpec, backend: Any, work: _ChunkWork,
+                    store: ResultStore, bar: Any) -> int:
+    """Generate the chunk's answers (with their openings' scores when the backend scored
+    them), stored in batches as they come; returns the count."""
     from stagesweep.evaluate.reasoning import SPECIAL_TOKEN_FAMILIES, split_reasoning
 
     done, batch = 0, []
@@ -380,6 +395,9 @@ def _generate_chunk(cs: CheckpointSetup, backend: Any, work: _ChunkWork, store: 
                       "response": text if final is None else final,
                       "reasoning": reasoning, "finish_reason": gen.finish_reason,
                       "status": status})
+        if gen.logprobs is not None:
+            batch[-1]["logprob_comply"], batch[-1]["logprob_refuse"] = combine_openings(
+                spec, gen.logprobs)
         if len(batch) >= cs.config.batch_size:
             store.put(batch)
             done += len(batch)

@@ -147,6 +147,10 @@ def test_validation_scenarios_hold_on_a_few_datasets():
 
     rows = {r.criterion: r for name in ("exclusions", "mixed_model")
             for r in validation.SCENARIOS[name](12, 500)}
+    rows |= {r.criterion: r for r in validation.SCENARIOS["logprob"](60, 500)}
+    assert rows["b2 95% interval covers 0.3"].rate >= 0.85
+    assert abs(rows["b2 95% interval covers 0.3"].mean_estimate - 0.3) < 0.05
+    assert rows["b2 interval excludes 0 (false positive)"].rate <= 0.15
     assert rows["exclusion flagged (dependence test)"].rate >= 10 / 12
     assert rows["b2 bounds (outer 95% interval) contain the truth"].rate >= 10 / 12
     assert rows["b2 95% interval covers 0.2"].rate >= 9 / 12

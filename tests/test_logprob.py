@@ -135,6 +135,39 @@ def test_openings_continue_the_prompt_ids_or_fall_back_to_their_own_tokens():
 # ---------------------------------------------------------------- the sweep
 
 
+def test_scoring_while_generating_equals_both_passes_for_one_walk(one_thread):
+    """`outcome: [judge, logprob]` on the trie path: the openings are scored on the cache each
+    prompt is decoded from, so the prompts are walked once; answers equal generation alone and
+    scores equal the scoring pass."""
+    from stagesweep.evaluate.backends.base import GenerationRequest
+    from stagesweep.evaluate.backends.hf import HFBackend
+
+    backend = HFBackend(str(ensure_tiny_model("olmo3")), dtype="float64", device="cpu")
+    scoring = _chat_requests(backend.tokenizer)
+    config = GenerationConfig(batch_size=3, max_new_tokens=6)
+    assert backend.scores_while_generating(config)
+    plain = [GenerationRequest(r.key, r.prompt_ids, r.prompt_text) for r in scoring]
+    alone = {g.key: g for g in backend.generate(plain, config)}
+    walk = backend.stats["prefilled_tokens"]
+    scores = {s.key: s.logprobs for s in backend.score(scoring, config)}
+    scoring_pass = backend.stats["prefilled_tokens"]
+    joint = {g.key: g for g in backend.generate(
+        [GenerationRequest(r.key, r.prompt_ids, r.prompt_text, r.continuations)
+         for r in scoring], config)}
+    assert {k: g.token_ids for k, g in joint.items()} == {k: g.token_ids for k, g in alone.items()}
+    assert all(g.logprobs is None for g in alone.values())
+    for key, values in scores.items():
+        np.testing.assert_allclose(joint[key].logprobs, values, rtol=0, atol=1e-9)
+    # one walk plus the openings' few tokens: what the scoring pass alone prefills
+    assert backend.stats["prefilled_tokens"] == scoring_pass
+    assert walk < scoring_pass < 1.2 * walk
+    # the plain path cannot score while generating and says so instead of dropping the scores
+    backend.prefix_sharing = False
+    assert not backend.scores_while_generating(config)
+    with pytest.raises(ValueError, match="only with prefix sharing"):
+        next(backend.generate([GenerationRequest("a", (1, 2), "", ((3,),))], config))
+
+
 def _spec(tmp_path: Path, name: str, **changes) -> Path:
     """tiny.yaml cut to 2 targets and 1 draw (42 prompts), pools absolute."""
     data = yaml.safe_load(TINY.read_text())

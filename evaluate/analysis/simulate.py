@@ -69,6 +69,9 @@ class SimSpec:
     format_adoption: tuple[float, float] | None = None  # P(adopt | refused), P(adopt | complied)
     # informative exclusions: logit P(excluded) = e0 + e_nb log(N_b+1) + e_y [would comply]
     exclusion: tuple[float, float, float] | None = None
+    # `outcome: logprob`: logprob_diff = the same linear predictor + N(0, logprob_sd^2) per
+    # prompt, so its slope on log(N_b+1) is b2 exactly (a linear model does not attenuate)
+    logprob_sd: float | None = None
     seed: int = 0
 
 
@@ -131,6 +134,8 @@ def simulate(spec: SimSpec) -> pd.DataFrame:
             p_out = 1 / (1 + np.exp(-(e0 + e_nb * np.log1p(nb) + e_y * complied)))
             out = rng.random(len(prompts)) < p_out
             status[out], complied[out] = "overflow", np.nan
+        logprob = None if spec.logprob_sd is None else \
+            eta + rng.normal(0, spec.logprob_sd, len(prompts))
         frame = pd.DataFrame({
             "unit_id": (labels["design"] + "/" + labels["nh"].astype(str) + "-"
                         + labels["nb"].astype(str) + "/q" + labels["q"].astype(str)
@@ -145,6 +150,8 @@ def simulate(spec: SimSpec) -> pd.DataFrame:
             "format_adopted": None, "judge": "simulated", "status": status[code],
             "contexts": spec.contexts, "prompt_sha": "sim/" + labels["prompt"],
         })
+        if logprob is not None:
+            frame["logprob_diff"] = np.where(status[code] == "ok", logprob[code], np.nan)
         frames.append(frame)
         if spec.ordering:
             frames.append(_ordering_rows(spec, ckpt, u, rng))

@@ -30,11 +30,15 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to complete. `key` is the sweep's unit id (or a judge's item id)."""
+    """One prompt to complete. `key` is the sweep's unit id (or a judge's item id).
+
+    `continuations`, for a backend whose `scores_while_generating` says yes, are also scored
+    (as in a ScoreRequest) on the prompt's prefill, and come back as `Generation.logprobs`."""
 
     key: str
     prompt_ids: tuple[int, ...]
     prompt_text: str
+    continuations: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class Generation:
     finish_reason: str = "stop"  # "stop" | "length"
     sample: int = 0
     extra: dict = field(default_factory=dict)
+    # summed log-probability of each of the request's continuations, when it had any
+    logprobs: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,11 @@ class Backend(Protocol):
         progress: Callable[[int], None] | None = None,
     ) -> Iterator[Score]:
         """Yield one Score per request, in any order (`outcome: logprob`)."""
+        ...
+
+    def scores_while_generating(self, config: GenerationConfig) -> bool:
+        """Whether `generate` scores its requests' continuations on the prefill it decodes
+        from, so a judged and scored sweep walks its prompts once instead of twice."""
         ...
 
     def close(self) -> None:

@@ -52,6 +52,12 @@ class HFBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.stats: dict = {}
+        from stagesweep.evaluate.prefix_sharing import unsupported_reason
+
+        # why this model cannot share prefixes exactly (None: it can), said once at load
+        self.unshareable = unsupported_reason(self.model)
+        if prefix_sharing and self.unshareable:
+            warnings.warn(f"prefix sharing off for this model: {self.unshareable}", stacklevel=2)
 
     def _stop_ids(self, config: GenerationConfig) -> list[int] | None:
         if config.stop_token_ids:
@@ -62,29 +68,40 @@ class HFBackend:
     def decode(self, ids: Sequence[int], stop_ids: Sequence[int]) -> str:
         return answer_text(self.tokenizer, ids, [*stop_ids, self.pad_token_id])
 
+    def _shares(self, config: GenerationConfig) -> str | None:
+        """Why `generate` will not share prefixes for `config`, or None when it will."""
+        if not self.prefix_sharing:
+            return "off (--no-prefix-sharing)"
+        if config.temperature != 0 or config.num_samples != 1:
+            return "sampled decoding runs on the plain path"
+        return self.unshareable
+
+    def scores_while_generating(self, config: GenerationConfig) -> bool:
+        return self._shares(config) is None
+
     def generate(self, requests: Sequence[GenerationRequest], config: GenerationConfig,
                  progress: Callable[[int], None] | None = None) -> Iterator[Generation]:
         stop_ids = self._stop_ids(config) or []
-        greedy = config.temperature == 0 and config.num_samples == 1
-        if self.prefix_sharing and greedy:
-            from stagesweep.evaluate.prefix_sharing import generate_shared, unsupported_reason
+        if self._shares(config) is not None:
+            if any(r.continuations for r in requests):
+                raise ValueError("continuations are scored while generating only with prefix "
+                                 "sharing (see scores_while_generating)")
+            yield from self._generate_plain(requests, config, stop_ids, progress)
+            return
+        from stagesweep.evaluate.prefix_sharing import generate_shared
 
-            if (reason := unsupported_reason(self.model)) is None:
-                shared = generate_shared(
-                    self.model, requests,
-                    # the plain path stops on the checkpoint's end-of-turn when the config
-                    # names no stop ids; the shared path must stop on the same ids
-                    dataclasses.replace(config, stop_token_ids=tuple(stop_ids)),
-                    pad_token_id=self.pad_token_id, max_kv_gb=self.max_kv_gb,
-                    stats=self.stats, decode=lambda ids: self.decode(ids, stop_ids),
-                )
-                for gen in shared:
-                    if progress:
-                        progress(1)
-                    yield gen
-                return
-            warnings.warn(f"prefix sharing off for this model: {reason}", stacklevel=2)
-        yield from self._generate_plain(requests, config, stop_ids, progress)
+        shared = generate_shared(
+            self.model, requests,
+            # the plain path stops on the checkpoint's end-of-turn when the config names no
+            # stop ids; the shared path must stop on the same ids
+            dataclasses.replace(config, stop_token_ids=tuple(stop_ids)),
+            pad_token_id=self.pad_token_id, max_kv_gb=self.max_kv_gb,
+            stats=self.stats, decode=lambda ids: self.decode(ids, stop_ids),
+        )
+        for gen in shared:
+            if progress:
+                progress(1)
+            yield gen
 
     def _generate_plain(self, requests, config, stop_ids, progress) -> Iterator[Generation]:
         import torch
@@ -120,19 +137,16 @@ class HFBackend:
               progress: Callable[[int], None] | None = None) -> Iterator[Score]:
         """Teacher-forced log-probabilities of each request's continuations; shared prompt
         prefixes are prefilled once with `prefix_sharing` (the plain path is the reference)."""
-        if self.prefix_sharing:
-            from stagesweep.evaluate.prefix_sharing import score_shared, unsupported_reason
+        if not self.prefix_sharing or self.unshareable:
+            yield from self._score_plain(requests, config, progress)
+            return
+        from stagesweep.evaluate.prefix_sharing import score_shared
 
-            if (reason := unsupported_reason(self.model)) is None:
-                for result in score_shared(self.model, requests, config,
-                                           pad_token_id=self.pad_token_id,
-                                           max_kv_gb=self.max_kv_gb, stats=self.stats):
-                    if progress:
-                        progress(1)
-                    yield result
-                return
-            warnings.warn(f"prefix sharing off for this model: {reason}", stacklevel=2)
-        yield from self._score_plain(requests, config, progress)
+        for result in score_shared(self.model, requests, config, pad_token_id=self.pad_token_id,
+                                   max_kv_gb=self.max_kv_gb, stats=self.stats):
+            if progress:
+                progress(1)
+            yield result
 
     def _score_plain(self, requests, config, progress) -> Iterator[Score]:
         """Each prompt + continuation as one right-padded row (padding after every real token,

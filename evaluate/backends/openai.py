@@ -164,6 +164,9 @@ class OpenAIBackend:
                     progress(1)
                 yield Score(key, tuple(values[j] for j in range(len(request.openings))))
 
+    def scores_while_generating(self, config: GenerationConfig) -> bool:
+        return False  # openings are scored in a pass of their own (`score`)
+
     def _opening_logprob(self, payload: dict, start: int, end: int, n_tokens: int) -> float:
         """Sum of the echoed log-probs of the tokens at character offsets [start, end)."""
         from stagesweep.cli import UserError

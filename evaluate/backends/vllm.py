@@ -188,6 +188,9 @@ class VLLMBackend:
             if progress:
                 progress(len(chunk))
 
+    def scores_while_generating(self, config: GenerationConfig) -> bool:
+        return False  # openings are scored in a pass of their own (`score`)
+
     def close(self) -> None:
         import gc
 
