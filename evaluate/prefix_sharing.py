@@ -174,9 +174,14 @@ def _decode_layer_class() -> type:
             end = self.length + key_states.shape[-2]
             keys[:, :, self.length : end] = key_states
             values[:, :, self.length : end] = value_states
-            self.length = end
-            self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+            self.rewind(end)
             return self.keys, self.values
+
+        def rewind(self, length: int) -> None:
+            """Keep the first `length` columns: later ones are free for the next write."""
+            keys, values = self.buffers
+            self.length = length
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
 
     return PreallocatedLayer
 
@@ -276,27 +281,64 @@ class _Runner:
             yield from self.finish_rows(batch)
 
     def finish_rows(self, leaves: list[_Leaf]) -> Iterator[Generation | Score]:
-        """Prefilled prompts are scored (their requests' continuations, on the cache just
-        built), then decoded, each Generation carrying its request's scores."""
-        scores = self.score_leaves(leaves) if self.continuations else {}
-        if not self.generates:
-            return (Score(key, scores[key]) for leaf in leaves for key in leaf.keys)
-        return self.decode_rows(leaves, scores)
+        """Prefilled prompts are decoded (`decode_rows`, which scores the requests'
+        continuations first on the same packed cache), or only scored."""
+        if self.generates:
+            return self.decode_rows(leaves)
+        return self.score_rows(leaves)
 
-    def score_leaves(self, leaves: list[_Leaf]) -> dict[str, tuple[float, ...]]:
-        """Each scored key's continuation log-probabilities; a continuation shared by the keys
-        of one prompt is run once."""
-        rows: list[tuple[_Leaf, tuple[int, ...]]] = []
-        for leaf in leaves:
-            wanted = dict.fromkeys(c for key in leaf.keys for c in self.continuations.get(key, ()))
-            rows += [(leaf, c) for c in wanted]
-        totals = []
-        # at most `rows` cache rows at a time, as many as a decoding batch holds
-        for start in range(0, len(rows), self.rows):
-            totals += self.score_group(rows[start : start + self.rows]).tolist()
-        values = {(id(leaf), c): v for (leaf, c), v in zip(rows, totals, strict=True)}
-        return {key: tuple(values[(id(leaf), c)] for c in self.continuations[key])
-                for leaf in leaves for key in leaf.keys if key in self.continuations}
+    def score_rows(self, leaves: list[_Leaf]) -> Iterator[Score]:
+        room = self.score_room(leaves)
+        cache, mask, width = self.packed_cache(leaves, room) if room else (None, None, 0)
+        scores = self.score_packed(leaves, cache, mask, width)
+        return (Score(key, scores[key]) for leaf in leaves for key in leaf.keys)
+
+    def _wanted(self, leaf: _Leaf) -> list[tuple[int, ...]]:
+        """The distinct continuations of a prompt's keys (a shared one is run once)."""
+        return list(dict.fromkeys(c for key in leaf.keys for c in self.continuations.get(key, ())))
+
+    def score_room(self, rows: list[_Leaf]) -> int:
+        """Cache columns the scoring forwards need: every continuation token but the last."""
+        return max((len(c) - 1 for leaf in rows for c in self._wanted(leaf)), default=0)
+
+    def score_packed(self, rows: list[_Leaf], cache: Any, mask: torch.Tensor | None,
+                     width: int) -> dict[str, tuple[float, ...]]:
+        """Each scored key's continuation log-probabilities, teacher-forced on the rows'
+        packed cache (with `score_room` free columns): a continuation's first token is scored
+        from the prompt's last logits; its other tokens are fed in one forward per
+        continuation index (the j-th continuation of every row together, right-padded), whose
+        columns are then released, so the same cache serves the decoding that follows and the
+        prompts are never copied once per continuation."""
+        torch = self.torch
+        wanted = [self._wanted(leaf) for leaf in rows]
+        first = log_probs(torch.stack([leaf.logits for leaf in rows]))
+        totals: list[dict[tuple[int, ...], float]] = [{} for _ in rows]
+        lengths = torch.tensor([leaf.length for leaf in rows], device=self.device)
+        for j in range(max(map(len, wanted), default=0)):
+            picked = [(r, conts[j]) for r, conts in enumerate(wanted) if j < len(conts)]
+            for r, c in picked:
+                totals[r][c] = float(first[r, c[0]])
+            extra = max(len(c) for _, c in picked) - 1
+            if extra == 0:
+                continue
+            ids = torch.full((len(rows), extra), self.pad, dtype=torch.long, device=self.device)
+            targets = torch.full_like(ids, -1)
+            for r, c in picked:
+                ids[r, : len(c) - 1] = torch.tensor(c[:-1])
+                targets[r, : len(c) - 1] = torch.tensor(c[1:])
+            position = lengths[:, None] + torch.arange(extra, device=self.device)[None, :]
+            logits = self._forward(ids, cache, keep=0, position_ids=position,
+                                   attention_mask=mask[:, : width + extra])
+            for layer in cache.layers:
+                layer.rewind(width)
+            # continuation padding sits after every real token: the causal mask hides it
+            logp = log_probs(logits).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            summed = (logp * (targets >= 0)).sum(-1).tolist()
+            for r, c in picked:
+                totals[r][c] += summed[r]
+            self.stats["prefilled_tokens"] += len(rows) * extra
+        return {key: tuple(totals[r][c] for c in self.continuations[key])
+                for r, leaf in enumerate(rows) for key in leaf.keys if key in self.continuations}
 
     def packed_cache(self, rows: list[_Leaf], extra: int) -> tuple[Any, torch.Tensor, int]:
         """The rows' caches re-packed left-padded with room for `extra` new tokens, as
@@ -322,14 +364,16 @@ class _Runner:
                 >= (width - lengths)[:, None]).long()
         return Cache(layers=layers), mask, width
 
-    def decode_rows(self, leaves: list[_Leaf], scores: dict[str, tuple[float, ...]]
-                    ) -> Iterator[Generation]:
-        """Greedy (or sampled) decoding of prefilled prompts, in one batch."""
+    def decode_rows(self, leaves: list[_Leaf]) -> Iterator[Generation]:
+        """Greedy (or sampled) decoding of prefilled prompts, in one batch; the requests'
+        continuations are scored first on the same cache."""
         torch, config = self.torch, self.config
         samples = config.num_samples if config.temperature > 0 else 1
         rows = [leaf for leaf in leaves for _ in range(samples)]
         lengths = torch.tensor([leaf.length for leaf in rows], device=self.device)
-        cache, mask, width = self.packed_cache(rows, config.max_new_tokens)
+        cache, mask, width = self.packed_cache(
+            rows, max(config.max_new_tokens, self.score_room(rows)))
+        scores = self.score_packed(rows, cache, mask, width) if self.continuations else {}
         del leaves
         logits = torch.stack([leaf.logits for leaf in rows])
         position = lengths.clone()
@@ -426,30 +470,6 @@ class _Runner:
             yield from self.visit(child, branch)
         if kv is not None:
             self.held -= kv.nbytes
-
-    def score_group(self, rows: list[tuple[_Leaf, tuple[int, ...]]]) -> torch.Tensor:
-        """Summed log-probability of each (prefilled prompt, continuation) row."""
-        torch = self.torch
-        extra = max(len(c) for _, c in rows) - 1  # the last token is scored, never fed
-        first = log_probs(torch.stack([leaf.logits for leaf, _ in rows]))
-        totals = first[torch.arange(len(rows), device=self.device),
-                       torch.tensor([c[0] for _, c in rows], device=self.device)]
-        if extra == 0:
-            return totals
-        cache, mask, _ = self.packed_cache([leaf for leaf, _ in rows], extra)
-        ids = torch.full((len(rows), extra), self.pad, dtype=torch.long, device=self.device)
-        targets = torch.full_like(ids, -1)
-        for r, (_, c) in enumerate(rows):
-            ids[r, : len(c) - 1] = torch.tensor(c[:-1])
-            targets[r, : len(c) - 1] = torch.tensor(c[1:])
-        lengths = torch.tensor([leaf.length for leaf, _ in rows], device=self.device)
-        position = lengths[:, None] + torch.arange(extra, device=self.device)[None, :]
-        logits = self._forward(ids, cache, keep=0, position_ids=position, attention_mask=mask)
-        # continuation padding sits after every real token: the causal mask hides it
-        logp = log_probs(logits)
-        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        self.stats["prefilled_tokens"] += len(rows) * extra
-        return totals + (picked * (targets >= 0)).sum(-1)
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:

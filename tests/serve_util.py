@@ -1,5 +1,5 @@
-"""Start and stop a real `transformers serve` on loopback for the HTTP backend's tests, and
-the small scripted loopback servers some tests answer with instead.
+"""Start and stop a real `transformers serve` (or `vllm serve`) on loopback for the HTTP
+backend's tests, and the small scripted loopback servers some tests answer with instead.
 
 A plain module rather than a fixture so any test file can use it as a context manager. The
 server runs in its own process group on a free port and is always stopped on exit.
@@ -44,8 +44,6 @@ def serving_extras_missing() -> str | None:
 @contextlib.contextmanager
 def transformers_serve(model_dir: Path, *, ready_timeout: float = 90.0) -> Iterator[str]:
     """Serve `model_dir` (pinned, on CPU) and yield its base URL once `/health` answers."""
-    import httpx
-
     reason = serving_extras_missing()
     if reason:
         raise ServerUnavailable(reason)
@@ -53,24 +51,49 @@ def transformers_serve(model_dir: Path, *, ready_timeout: float = 90.0) -> Itera
     cli = Path(sys.executable).with_name("transformers")
     cmd = [str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--device", "cpu", "--log-level", "warning"]
+    with serving(cmd, port, ready_timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def vllm_serve(model_dir: Path, *, ready_timeout: float = 300.0) -> Iterator[str]:
+    """`vllm serve` of `model_dir` on CPU (the venv's vLLM; eager, float32, a fifth of the RAM
+    for its cache, one thread) and its base URL once `/health` answers."""
+    port = free_port()
+    cli = Path(sys.executable).with_name("vllm")
+    cmd = [str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+           "--gpu-memory-utilization", "0.2", "--served-model-name", "tiny"]
+    with serving(cmd, port, ready_timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int, ready_timeout: float) -> Iterator[str]:
+    """Run a server command in its own process group and yield its base URL once `/health`
+    answers; the group is stopped on exit, and a server that dies first is an error with the
+    tail of its log."""
+    import httpx
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     base_url = f"http://127.0.0.1:{port}"
+    name = f"{Path(cmd[0]).name} {cmd[1]}"
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
                 log.seek(0)
                 tail = log.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"transformers serve exited with {proc.returncode}:\n{tail}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve not ready after {ready_timeout:.0f}s")
+                raise RuntimeError(f"{name} not ready after {ready_timeout:.0f}s")
             time.sleep(0.5)
         yield base_url
     finally:

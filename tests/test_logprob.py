@@ -21,7 +21,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from serve_util import JSONHandler, LoopbackServer, serving_extras_missing, transformers_serve
+from serve_util import (
+    JSONHandler,
+    LoopbackServer,
+    serving_extras_missing,
+    transformers_serve,
+    vllm_serve,
+)
 from sweep_util import wait_for_rows
 
 from stagesweep.cli import UserError
@@ -465,3 +471,25 @@ def test_openai_echo_logprobs_equal_the_in_process_scores(olmo_path, one_thread)
     assert set(got) == set(expected)
     for key, values in expected.items():
         np.testing.assert_allclose(got[key], values, rtol=0, atol=1e-9)
+
+
+@pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (make .venv-vllm)")
+def test_real_vllm_serve_echo_logprobs_equal_the_in_process_scores(one_thread):
+    """The openai backend's echo-logprob reading against a real `vllm serve` (the EchoServer
+    above imitates its format; this pins the format to the server itself)."""
+    from stagesweep.evaluate.backends.hf import HFBackend
+    from stagesweep.evaluate.backends.openai import OpenAIBackend
+
+    path = ensure_tiny_model("llama", size="small")
+    hf = HFBackend(str(path), dtype="float32", device="cpu")
+    requests = _chat_requests(hf.tokenizer, 4)
+    expected = {s.key: s.logprobs for s in hf.score(requests, GenerationConfig())}
+    with vllm_serve(path) as url:
+        backend = OpenAIBackend(url, tokenizer=hf.tokenizer, concurrency=2)
+        assert backend.server == "vllm"
+        got = {s.key: s.logprobs for s in backend.score(requests, GenerationConfig())}
+        backend.close()
+    assert set(got) == set(expected)
+    for key, values in expected.items():
+        # vLLM's CPU kernels move float32 log-probabilities by ~1e-4
+        np.testing.assert_allclose(got[key], values, rtol=0, atol=2e-3)
