@@ -305,38 +305,34 @@ class _Runner:
                      width: int) -> dict[str, tuple[float, ...]]:
         """Each scored key's continuation log-probabilities, teacher-forced on the rows'
         packed cache (with `score_room` free columns): a continuation's first token is scored
-        from the prompt's last logits; its other tokens are fed in one forward per
-        continuation index (the j-th continuation of every row together, right-padded), whose
-        columns are then released, so the same cache serves the decoding that follows and the
-        prompts are never copied once per continuation."""
+        from the prompt's last logits, its later tokens by feeding it one token a step (the
+        j-th continuation of every row together), as decoding does: one-token steps read the
+        cache once per key/value head, where a many-token forward repeats it per query head.
+        The columns are then released, so the same cache serves the decoding that follows
+        and no prompt is copied once per continuation."""
         torch = self.torch
         wanted = [self._wanted(leaf) for leaf in rows]
         first = log_probs(torch.stack([leaf.logits for leaf in rows]))
         totals: list[dict[tuple[int, ...], float]] = [{} for _ in rows]
         lengths = torch.tensor([leaf.length for leaf in rows], device=self.device)
         for j in range(max(map(len, wanted), default=0)):
-            picked = [(r, conts[j]) for r, conts in enumerate(wanted) if j < len(conts)]
-            for r, c in picked:
-                totals[r][c] = float(first[r, c[0]])
-            extra = max(len(c) for _, c in picked) - 1
-            if extra == 0:
-                continue
-            ids = torch.full((len(rows), extra), self.pad, dtype=torch.long, device=self.device)
-            targets = torch.full_like(ids, -1)
-            for r, c in picked:
-                ids[r, : len(c) - 1] = torch.tensor(c[:-1])
-                targets[r, : len(c) - 1] = torch.tensor(c[1:])
-            position = lengths[:, None] + torch.arange(extra, device=self.device)[None, :]
-            logits = self._forward(ids, cache, keep=0, position_ids=position,
-                                   attention_mask=mask[:, : width + extra])
-            for layer in cache.layers:
+            column = [conts[j] if j < len(conts) else () for conts in wanted]
+            for r, c in enumerate(column):
+                if c:
+                    totals[r][c] = float(first[r, c[0]])
+            for t in range(max(map(len, column)) - 1):
+                fed = [c[t] if t + 1 < len(c) else self.pad for c in column]
+                logits = self._forward(
+                    torch.tensor(fed, device=self.device)[:, None], cache, keep=1,
+                    position_ids=(lengths + t)[:, None],
+                    attention_mask=mask[:, : width + t + 1])[:, -1]
+                logp = log_probs(logits)
+                for r, c in enumerate(column):
+                    if t + 1 < len(c):
+                        totals[r][c] += float(logp[r, c[t + 1]])
+                self.stats["prefilled_tokens"] += len(rows)
+            for layer in cache.layers if cache is not None else ():
                 layer.rewind(width)
-            # continuation padding sits after every real token: the causal mask hides it
-            logp = log_probs(logits).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-            summed = (logp * (targets >= 0)).sum(-1).tolist()
-            for r, c in picked:
-                totals[r][c] += summed[r]
-            self.stats["prefilled_tokens"] += len(rows) * extra
         return {key: tuple(totals[r][c] for c in self.continuations[key])
                 for r, leaf in enumerate(rows) for key in leaf.keys if key in self.continuations}
 
