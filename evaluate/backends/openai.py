@@ -168,7 +168,11 @@ class OpenAIBackend:
         return False  # openings are scored in a pass of their own (`score`)
 
     def _opening_logprob(self, payload: dict, start: int, end: int, n_tokens: int) -> float:
-        """Sum of the echoed log-probs of the tokens at character offsets [start, end)."""
+        """Sum of the echoed log-probs of the tokens at character offsets [start, end) of the
+        sent prompt. The server's `text_offset`s count the text of every echoed token, special
+        ones included (vLLM puts a BOS it adds at offset 0 and the prompt's first character
+        after its text), so they are anchored at the end: the one generated token's offset is
+        where the sent prompt ends."""
         from stagesweep.cli import UserError
 
         logprobs = (payload.get("choices") or [{}])[0].get("logprobs") or {}
@@ -179,7 +183,9 @@ class OpenAIBackend:
                 "log-probs (echo: true, logprobs): echo logprobs are unsupported by this server "
                 "(`transformers serve` ignores both); score outcome: logprob on a vLLM or "
                 "SGLang server, or with --backend hf or vllm")
-        picked = [v for v, offset in zip(values, offsets, strict=True) if start <= offset < end]
+        shift = offsets[-1] - end
+        picked = [v for v, offset in zip(values[:-1], offsets[:-1], strict=True)
+                  if start + shift <= offset < end + shift]
         if not picked or any(v is None for v in picked):
             raise UserError(f"the {self.server} server at {self.base_url} echoed no log-prob "
                             "for the opening's tokens; score with --backend hf or vllm")
