@@ -288,6 +288,8 @@ class _Runner:
         return self.score_rows(leaves)
 
     def score_rows(self, leaves: list[_Leaf]) -> Iterator[Score]:
+        """Judge-free: the openings' scores alone (no packing when every opening is one
+        token: the prompts' last logits score them)."""
         room = self.score_room(leaves)
         cache, mask, width = self.packed_cache(leaves, room) if room else (None, None, 0)
         scores = self.score_packed(leaves, cache, mask, width)
