@@ -68,21 +68,16 @@ class HFBackend:
     def decode(self, ids: Sequence[int], stop_ids: Sequence[int]) -> str:
         return answer_text(self.tokenizer, ids, [*stop_ids, self.pad_token_id])
 
-    def _shares(self, config: GenerationConfig) -> str | None:
-        """Why `generate` will not share prefixes for `config`, or None when it will."""
-        if not self.prefix_sharing:
-            return "off (--no-prefix-sharing)"
-        if config.temperature != 0 or config.num_samples != 1:
-            return "sampled decoding runs on the plain path"
-        return self.unshareable
-
     def scores_while_generating(self, config: GenerationConfig) -> bool:
-        return self._shares(config) is None
+        """True when `generate` runs `config` on the prefix-sharing path (greedy decoding on a
+        model it can run exactly), the path that scores continuations on its prefill."""
+        greedy = config.temperature == 0 and config.num_samples == 1
+        return self.prefix_sharing and greedy and self.unshareable is None
 
     def generate(self, requests: Sequence[GenerationRequest], config: GenerationConfig,
                  progress: Callable[[int], None] | None = None) -> Iterator[Generation]:
         stop_ids = self._stop_ids(config) or []
-        if self._shares(config) is not None:
+        if not self.scores_while_generating(config):
             if any(r.continuations for r in requests):
                 raise ValueError("continuations are scored while generating only with prefix "
                                  "sharing (see scores_while_generating)")
